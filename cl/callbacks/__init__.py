@@ -1,0 +1,11 @@
+"""Run-level callbacks: hooks around the experience loop (the Lightning ``Callback`` idea, one level up).
+
+``CALLBACKS`` lists the callback classes the runner instantiates for every run; a class whose
+``enabled(cfg)`` is false is skipped. Add a new one by appending to :data:`CALLBACKS` in its own module's import
+below, so the runner needs no change.
+"""
+
+from cl.callbacks.base import CALLBACKS, CLCallback
+from cl.callbacks.metrics import MetricsCallback
+
+__all__ = ["CALLBACKS", "CLCallback", "MetricsCallback"]

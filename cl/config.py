@@ -1,0 +1,300 @@
+"""The config tree: defaults, then the ``config=`` YAML file, then ``key=value`` overrides (OmegaConf dotlist).
+
+Every section is a dataclass whose fields carry a type, a default and one line of help (``metadata["help"]``).
+``strategy``, ``scenario`` and ``backbone`` take the dataclass of the registered entry named by their ``name`` key,
+so ``strategy=slca`` brings SLCA's own keys and defaults, and a misspelled SLCA key is an error. Validation happens
+here, when the config is built, never deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from cl.errors import ConfigError, closest
+
+SHORTCUT_SECTIONS = ("strategy", "scenario", "backbone")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None, gt: float | None = None,
+        choices: tuple[Any, ...] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with help text and simple value constraints checked by :func:`validate`."""
+    meta = {"help": help, "ge": ge, "gt": gt, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StrategyConfig:
+    """Keys every strategy has. Strategies subclass this and add their own."""
+
+    name: str = opt("finetune", "registered strategy name (`cl list`)")
+    lr: float = opt(0.01, "learning rate of the main parameter group", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0)
+    weight_decay: float = opt(0.0, "weight decay", ge=0)
+    epochs: int | None = opt(None, "epochs per experience; null means trainer.max_epochs", ge=1)
+
+
+@dataclass
+class ScenarioConfig:
+    """Keys every scenario has. Scenario builders subclass this and add their own."""
+
+    name: str = opt("split_digits", "registered scenario name (`cl list`)")
+    n_experiences: int | None = opt(5, "number of experiences (ignored when init_classes is set)", ge=1)
+    init_classes: int | None = opt(None, "classes in the first experience (PyCIL init_cls); null = equal split", ge=1)
+    increment: int | None = opt(None, "classes per later experience (PyCIL increment)", ge=1)
+    class_order: str = opt("natural", "natural | permutation (seeded, PyCIL) | explicit (use scenario.order)",
+                           choices=("natural", "permutation", "explicit"))
+    order: list[int] | None = opt(None, "explicit class order when class_order=explicit")
+    order_seed: int = opt(1993, "seed of the NumPy legacy permutation (PyCIL/SLCA/SEMA use 1993)")
+    task_labels: bool = opt(False, "give each experience its own task label (task-incremental evaluation)")
+    augment: bool = opt(True, "random training augmentation (crop/flip as the scenario defines)")
+
+
+@dataclass
+class BackboneConfig:
+    """Keys every backbone has."""
+
+    name: str = opt("mlp", "registered backbone name or timm:<model> (`cl list`)")
+    pretrained: bool = opt(False, "load pretrained weights (timm download; fails fast offline)")
+    checkpoint: str | None = opt(None, "path to a local state dict / `cl pretrain` checkpoint to load")
+
+
+@dataclass
+class DataConfig:
+    root: str = opt("data", "root folder of local data sets (env CL_DATA_ROOT overrides the default)")
+    batch_size: int = opt(32, "global training batch size (split evenly across DDP ranks)", ge=1)
+    eval_batch_size: int = opt(256, "evaluation batch size per rank", ge=1)
+    num_workers: int = opt(0, "DataLoader workers for file-backed data sets (tensor data sets use none)", ge=0)
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to every ``pytorch_lightning.Trainer`` the runner creates (one per training phase)."""
+
+    accelerator: str = opt("auto", "cpu | gpu | auto")
+    devices: Any = opt(1, "number of devices (or a list of ids)")
+    num_nodes: int = opt(1, "number of nodes", ge=1)
+    strategy: str = opt("auto", "auto | ddp | ddp_find_unused_parameters_true")
+    precision: str = opt("32-true", "Lightning precision: 32-true | bf16-mixed | 16-mixed")
+    max_epochs: int = opt(1, "default epochs per experience (a strategy's own `epochs` key wins)", ge=1)
+    deterministic: bool = opt(False, "torch deterministic algorithms")
+    enable_progress_bar: bool = opt(True, "show the training progress bar")
+    limit_train_batches: float | None = opt(None, "cap on training batches per epoch (int count or fraction)")
+    gradient_clip_val: float | None = opt(None, "gradient clipping value")
+    sync_batchnorm: bool = opt(False, "synchronise BatchNorm statistics across DDP ranks")
+    log_every_n_steps: int = opt(50, "training-loss logging interval", ge=1)
+    logger: str = opt("csv", "csv | tensorboard | none", choices=("csv", "tensorboard", "none"))
+
+
+@dataclass
+class RunConfig:
+    root: str = opt("runs", "parent of run directories: <root>/<scenario>/<strategy>/seed<N>")
+    dir: str | None = opt(None, "explicit run directory (overrides root/name)")
+    name: str | None = opt(None, "extra name component: <root>/<scenario>/<strategy>/<name>/seed<N>")
+    overwrite: bool = opt(False, "allow replacing a finished run in the same directory")
+    checkpoint: bool = opt(True, "write a checkpoint at every experience boundary")
+    eval_unseen: bool = opt(False, "also evaluate unseen experiences (needed for forward transfer, fwt)")
+
+
+@dataclass
+class FPFConfig:
+    """Forgetting-prioritised fine-tuning as an add-on to another strategy (see strategies/kfpf.py)."""
+
+    enabled: bool = opt(False, "run FPF on the replay buffer after each experience")
+    modules: list[str] = opt(default_factory=lambda: ["auto"], help="sensitive modules: auto | names | types")
+    iters: int = opt(100, "optimizer steps per FPF call", ge=1)
+    lr: float = opt(0.05, "FPF learning rate", gt=0)
+    batch_size: int = opt(32, "buffer batch size during FPF", ge=1)
+    buffer_size: int = opt(200, "replay buffer capacity when the strategy has none", ge=1)
+
+
+@dataclass
+class RootConfig:
+    seed: int = opt(0, "seeds Python, NumPy and torch on every rank")
+    resume: str = opt("never", "never | auto: continue an unfinished run in the run directory",
+                      choices=("never", "auto"))
+    strategy: Any = None
+    scenario: Any = None
+    backbone: Any = None
+    data: DataConfig = opt(default_factory=DataConfig)
+    trainer: TrainerConfig = opt(default_factory=TrainerConfig)
+    run: RunConfig = opt(default_factory=RunConfig)
+    fpf: FPFConfig = opt(default_factory=FPFConfig)
+
+
+def _entry_config_cls(section: str, name: str) -> type:
+    from cl.registry import BACKBONES, SCENARIOS, STRATEGIES
+
+    reg = {"strategy": STRATEGIES, "scenario": SCENARIOS, "backbone": BACKBONES}[section]
+    if section == "backbone" and str(name).startswith("timm:"):
+        name = "timm"
+    entry = reg.get(name)
+    cfg_cls = getattr(entry, "Config", None)
+    base = {"strategy": StrategyConfig, "scenario": ScenarioConfig, "backbone": BackboneConfig}[section]
+    return cfg_cls if cfg_cls is not None else base
+
+
+_SCALAR = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+def parse_overrides(items: list[str]) -> list[str]:
+    """Check ``key=value`` items and expand the ``strategy=NAME`` style shortcuts to ``strategy.name=NAME``."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example seed=1)")
+        key, value = item.split("=", 1)
+        if not _SCALAR.match(key):
+            raise ConfigError(f"override '{item}': '{key}' is not a valid config key")
+        if key in SHORTCUT_SECTIONS:
+            key = f"{key}.name"
+        out.append(f"{key}={value}")
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a config file into a plain dict, expanding the section shortcuts (``strategy: slca``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must contain a mapping of keys, not {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is not None:
+        parent = load_yaml((p.parent / base) if not Path(base).is_absolute() else base)
+        data = _deep_merge(parent, data)
+    for sec in SHORTCUT_SECTIONS:
+        if isinstance(data.get(sec), str):
+            data[sec] = {"name": data[sec]}
+    return data
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    if isinstance(b.get("strategy"), dict) and "name" in b["strategy"] and isinstance(a.get("strategy"), dict):
+        if a["strategy"].get("name") != b["strategy"]["name"]:  # a different strategy drops the parent's keys
+            out["strategy"] = dict(b["strategy"])
+    return out
+
+
+def _selected_name(section: str, file_cfg: dict, overrides: list[str], default: str) -> str:
+    name = (file_cfg.get(section) or {}).get("name", default)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key == f"{section}.name":
+            name = value
+    return str(name)
+
+
+def build_config(config_path: str | None = None, overrides: list[str] | None = None,
+                 root_cls: type = RootConfig) -> DictConfig:
+    """Build, merge and validate the config. Raises :class:`ConfigError` with one readable line on any mistake."""
+    overrides = parse_overrides(list(overrides or []))
+    file_cfg = load_yaml(config_path) if config_path else {}
+    schema = OmegaConf.structured(root_cls)
+    OmegaConf.set_struct(schema, False)
+    defaults = {"strategy": "finetune", "scenario": "split_digits", "backbone": "mlp"}
+    for sec, default in defaults.items():
+        if sec in schema:
+            name = _selected_name(sec, file_cfg, overrides, default)
+            cls = _entry_config_cls(sec, name)
+            node = OmegaConf.structured(cls)
+            node.name = name
+            schema[sec] = node
+    OmegaConf.set_struct(schema, True)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.create(file_cfg))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        raise ConfigError(_unknown_key_message(err, schema)) from None
+    except ValidationError as err:
+        key = err.full_key or "?"
+        raise ConfigError(f"invalid value for '{key}': {_first_line(err.msg)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {_first_line(str(err))}") from None
+    validate(cfg)
+    return cfg
+
+
+def _first_line(msg: str) -> str:
+    return msg.strip().splitlines()[0] if msg else "invalid"
+
+
+def _unknown_key_message(err: OmegaConfBaseException, schema: DictConfig) -> str:
+    full = getattr(err, "full_key", None) or ""
+    if not full:
+        m = re.search(r"Key '([^']+)'", str(err))
+        full = m.group(1) if m else "?"
+    parent_path, _, leaf = full.rpartition(".")
+    node = OmegaConf.select(schema, parent_path) if parent_path else schema
+    known = [f"{parent_path}.{k}" if parent_path else k for k in (node.keys() if isinstance(node, DictConfig) else [])]
+    return f"unknown config key '{full}'{closest(full, known)}; `cl train --help` lists the keys"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value constraints declared with :func:`opt` and each section's own ``validate`` method."""
+    for section, node in cfg.items():
+        if not isinstance(node, DictConfig):
+            continue
+        obj_type = OmegaConf.get_type(node)
+        if obj_type is None or not dataclasses.is_dataclass(obj_type):
+            continue
+        for f in dataclasses.fields(obj_type):
+            value = node.get(f.name)
+            meta = f.metadata
+            if value is None or isinstance(value, (DictConfig, ListConfig)):
+                continue
+            where = f"{section}.{f.name}"
+            if meta.get("gt") is not None and isinstance(value, (int, float)) and not value > meta["gt"]:
+                raise ConfigError(f"invalid value for '{where}': {value} (must be > {meta['gt']})")
+            if meta.get("ge") is not None and isinstance(value, (int, float)) and not value >= meta["ge"]:
+                raise ConfigError(f"invalid value for '{where}': {value} (must be >= {meta['ge']})")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"invalid value for '{where}': '{value}' (choose one of {', '.join(map(str, meta['choices']))})")
+        check = getattr(obj_type, "validate", None)
+        if callable(check):
+            check(OmegaConf.to_object(node))
+
+
+def section(cfg: DictConfig, name: str) -> Any:
+    """The typed dataclass instance of one section (e.g. the strategy's own Config)."""
+    return OmegaConf.to_object(cfg[name])
+
+
+def describe(root_cls: type = RootConfig, names: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for ``cl train --help``; ``names`` selects the strategy/scenario/backbone."""
+    names = names or {"strategy": "finetune", "scenario": "split_digits", "backbone": "mlp"}
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(inst, f.name)
+            key = f"{prefix}{f.name}"
+            if f.name in SHORTCUT_SECTIONS and prefix == "" and f.name in names:
+                walk(_entry_config_cls(f.name, names[f.name]), f"{key}.")
+            elif dataclasses.is_dataclass(value):
+                walk(type(value), f"{key}.")
+            else:
+                rows.append((key, repr(value) if not isinstance(value, str) else value, f.metadata.get("help", "")))
+
+    walk(root_cls, "")
+    return rows

@@ -1,0 +1,134 @@
+"""Loaders over :class:`~scenarios.base.ExperienceData` views, sharded by rank.
+
+Training batches are *global* batches of ``data.batch_size`` drawn from one seeded permutation that every rank
+computes identically; rank r takes elements r, r + world, ... of each global batch. So N ranks together see exactly
+the batches one process would, and DDP's gradient average equals the single-process gradient (without BatchNorm).
+The last incomplete global batch is dropped so every rank takes the same number of steps.
+Evaluation shards the samples without padding: no sample is counted twice.
+
+Tensor-backed sources are gathered a whole batch at a time (one indexing op, no per-item collate).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from scenarios.base import ExperienceData
+
+
+class RankBatchSampler:
+    """Yields this rank's share of each global batch as a list of positions into the view."""
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = True) -> None:
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} is not divisible by the {world} ranks")
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full = self.n // self.batch
+        return full if self.drop_last or self.n % self.batch == 0 else full + 1
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        for b in range(len(self)):
+            chunk = order[b * self.batch:(b + 1) * self.batch]
+            yield chunk[self.rank::self.world].tolist()
+
+
+class _BatchView(Dataset):
+    """``view[list_of_positions]`` -> (images, labels) in one gather (tensor sources)."""
+
+    def __init__(self, data: ExperienceData) -> None:
+        self.data = data
+        self.indices = torch.as_tensor(np.asarray(data.indices), dtype=torch.long)
+        self.targets = torch.as_tensor(np.asarray(data.targets), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return self.data.source.batch(self.indices[pos]), self.targets[pos]
+
+
+class _ItemView(Dataset):
+    """Per-item access for file-backed sources (decoded in DataLoader workers)."""
+
+    def __init__(self, data: ExperienceData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.indices)
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int]:
+        return self.data.source[int(self.data.indices[pos])], int(self.data.targets[pos])
+
+
+class _EvalSampler:
+    """Positions rank::world, chunked into batches; no padding, no duplicates."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int) -> None:
+        self.pos = list(range(rank, n, world))
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return (len(self.pos) + self.batch - 1) // self.batch
+
+    def __iter__(self):
+        for i in range(0, len(self.pos), self.batch):
+            yield self.pos[i:i + self.batch]
+
+
+def make_loader(data: ExperienceData, batch_size: int, *, train: bool, rank: int = 0, world: int = 1,
+                seed: int = 0, shuffle: bool | None = None, drop_last: bool | None = None,
+                num_workers: int = 0) -> DataLoader:
+    """A loader of raw (untransformed) batches: for training (global batches, sharded) or evaluation (sharded)."""
+    n = len(data)
+    if train:
+        drop = True if drop_last is None else drop_last
+        if drop and n < batch_size:  # a tiny experience still trains: shrink the global batch to what exists
+            batch_size = max(world, (n // world) * world)
+        sampler: Any = RankBatchSampler(n, batch_size, rank, world, shuffle=True if shuffle is None else shuffle,
+                                        seed=seed, drop_last=drop)
+    else:
+        sampler = _EvalSampler(n, batch_size, rank, world)
+    if hasattr(data.source, "batch"):
+        return DataLoader(_BatchView(data), sampler=sampler, batch_size=None, num_workers=0)
+    return DataLoader(_ItemView(data), batch_sampler=sampler, num_workers=num_workers,
+                      persistent_workers=False, pin_memory=False)
+
+
+class ExperienceDataModule(pl.LightningDataModule):
+    """The training data of one phase as a ``LightningDataModule`` (Lightning's sampler replacement is off)."""
+
+    def __init__(self, data: ExperienceData, batch_size: int, rank: int, world: int, seed: int,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.data, self.batch_size, self.rank, self.world, self.seed = data, batch_size, rank, world, seed
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.data, self.batch_size, train=True, rank=self.rank, world=self.world,
+                           seed=self.seed, num_workers=self.num_workers)
+
+
+def concat(parts: list[ExperienceData]) -> ExperienceData:
+    """Union of views over the same source (the ``joint`` baseline)."""
+    src = parts[0].source
+    if any(p.source is not src for p in parts):
+        raise ValueError("cannot concatenate views of different sources")
+    return ExperienceData(src, np.concatenate([p.indices for p in parts]), np.concatenate([p.targets for p in parts]))

@@ -1,0 +1,56 @@
+"""Evaluation outside ``Trainer.test``: a lean no-grad loop over rank shards, counts summed across ranks.
+
+For each evaluation pass (``strategy.eval_passes()``) and each experience it counts correct class-incremental
+predictions (argmax over every seen class) and correct task-incremental ones (argmax within the experience's own
+classes). Samples are split across ranks without padding, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cl.data.loaders import make_loader
+from cl.distributed import Dist
+from scenarios.base import Experience
+
+
+@dataclass
+class PassCounts:
+    correct: list[int]
+    total: list[int]
+    correct_til: list[int]
+
+    def acc(self, j: int) -> float:
+        return self.correct[j] / self.total[j] if self.total[j] else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, experiences: list[Experience], dist: Dist, device: torch.device,
+             batch_size: int = 256) -> dict[str, PassCounts]:
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    passes = model.eval_passes()
+    n_seen = int(getattr(model, "n_seen", 0))
+    counts = torch.zeros(len(passes), len(experiences), 3, dtype=torch.long)  # (pass, exp, [correct, total, til])
+    for j, exp in enumerate(experiences):
+        cls = torch.as_tensor(exp.classes, device=device)
+        loader = make_loader(exp.test, batch_size, train=False, rank=dist.rank, world=dist.world_size)
+        for x, y in loader:
+            x, y = model.eval_transform(x.to(device)), y.to(device)
+            for p, fn in enumerate(passes.values()):
+                logits = fn(x)
+                k = min(n_seen, logits.shape[1]) if n_seen else logits.shape[1]
+                pred = logits[:, :k].argmax(1) if k > 0 else torch.full_like(y, -1)
+                counts[p, j, 0] += int((pred == y).sum())
+                counts[p, j, 1] += len(y)
+                known = cls[cls < logits.shape[1]]
+                if len(known):
+                    til = known[logits[:, known].argmax(1)]
+                    counts[p, j, 2] += int((til == y).sum())
+    counts = dist.all_reduce_sum(counts)
+    model.train(was_training)
+    return {name: PassCounts(counts[p, :, 0].tolist(), counts[p, :, 1].tolist(), counts[p, :, 2].tolist())
+            for p, name in enumerate(passes)}

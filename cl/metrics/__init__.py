@@ -1,0 +1,3 @@
+from cl.metrics.accuracy import AccuracyMatrix
+
+__all__ = ["AccuracyMatrix"]

@@ -1,0 +1,349 @@
+"""The experience loop. Every rank runs all of it; collectives inside CL steps meet their peers.
+
+Per experience: start hook, one ``Trainer.fit`` per training phase, end hook, evaluation on every seen test
+experience (and unseen ones with ``run.eval_unseen``), a checkpoint at the boundary. See :class:`Runner.run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cl import distributed
+from cl.callbacks import CALLBACKS, CLCallback, MetricsCallback
+from cl.config import section
+from cl.data.loaders import ExperienceDataModule, make_loader
+from cl.errors import ConfigError, UserError
+from cl.evaluation import evaluate
+from cl.registry import SCENARIOS, STRATEGIES
+from cl.strategy import CLStrategy, Phase
+from cl.utils import atomic_torch_save, atomic_write_text, seed_everything
+from scenarios.base import Experience, ExperienceData, Scenario
+
+CKPT_FORMAT = 1
+
+
+@dataclass
+class RunContext:
+    """What hooks get besides the experience: config, scenario, ranks, device, run directory, helpers."""
+
+    cfg: DictConfig
+    scenario: Scenario
+    dist: distributed.Dist
+    device: torch.device
+    run_dir: Path
+    model: CLStrategy
+    loggers: list[Any] = field(default_factory=list)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    exp_index: int = 0
+    initial_eval: bool = False
+
+    def loader(self, data: ExperienceData, *, train: bool, batch_size: int | None = None, shuffle: bool | None = None,
+               tag: str = "") -> torch.utils.data.DataLoader:
+        """Raw batches of ``data`` for this rank (apply ``model.train_transform``/``eval_transform`` yourself)."""
+        bs = batch_size or (self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
+        return make_loader(data, bs, train=train, rank=self.dist.rank, world=self.dist.world_size,
+                           seed=self.seed_for(tag), shuffle=shuffle, num_workers=self.cfg.data.num_workers)
+
+    def seed_for(self, tag: str) -> int:
+        """A seed that is the same on every rank for (run seed, experience, tag)."""
+        digest = hashlib.sha256(f"{self.cfg.seed}/{self.exp_index}/{tag}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def generator(self, tag: str, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed_for(tag))
+
+    def record(self, key: str, value: Any) -> None:
+        """Keep a per-experience value (plain Python) in ``metrics.json`` under ``experiences[i].extra``."""
+        self.records.setdefault(self.exp_index, {})[key] = value
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.dist.is_main:
+            return
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=self.exp_index if step is None else step)
+            lg.save()
+
+
+@dataclass
+class Results:
+    """What a run returns: the summary, the accuracy matrix and the run directory."""
+
+    metrics: dict[str, Any]
+    run_dir: Path
+
+    @property
+    def accuracy_matrix(self) -> list[list[float | None]]:
+        return self.metrics["accuracy_matrix"]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+
+def build_scenario(cfg: DictConfig) -> Scenario:
+    return SCENARIOS.get(cfg.scenario.name)().build(section(cfg, "scenario"), section(cfg, "data"))
+
+
+def build_strategy(cfg: DictConfig, scenario: Scenario) -> CLStrategy:
+    from cl.backbones import build_backbone
+
+    cls = STRATEGIES.get(cfg.strategy.name)
+    backbone = build_backbone(section(cfg, "backbone"), (scenario.channels, scenario.image_size, scenario.image_size))
+    model = cls(section(cfg, "strategy"), backbone, scenario.n_classes)
+    if cfg.fpf.enabled and cls.fpf_refusal:
+        raise ConfigError(f"fpf.enabled=true does not apply to strategy '{cfg.strategy.name}': {cls.fpf_refusal}")
+    train_tf, eval_tf = scenario.transforms(cls.input_convention)
+    model.train_transform, model.eval_transform = train_tf, eval_tf
+    return model
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    parts = [cfg.run.root, cfg.scenario.name, cfg.strategy.name] + ([cfg.run.name] if cfg.run.name else [])
+    return Path(*parts, f"seed{cfg.seed}")
+
+
+def quiet_lightning() -> None:
+    """Lightning prints device and tip banners at every Trainer; one run makes many Trainers."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Runner:
+    """Runs one config. ``argv`` is the command line that re-launches this run (needed to spawn DDP ranks)."""
+
+    def __init__(self, cfg: DictConfig, argv: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.argv = argv
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self) -> Results:
+        quiet_lightning()
+        dist = distributed.setup(self.cfg.trainer, self.argv)
+        ok = False
+        try:
+            results = self._run(dist)
+            ok = True
+            return results
+        finally:
+            code = distributed.finish(dist, ok)
+            if ok and code:
+                raise UserError(f"a DDP rank exited with code {code}; see its output above")
+
+    def _run(self, dist: distributed.Dist) -> Results:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        scenario = build_scenario(cfg)
+        self._check_same_stream(scenario, dist)
+        run_dir = run_dir_for(cfg)
+        start = self._prepare_run_dir(run_dir, dist)
+        model = build_strategy(cfg, scenario)
+        callbacks: list[CLCallback] = [cb() for cb in CALLBACKS if cb.enabled(cfg)]
+        ctx = RunContext(cfg, scenario, dist, dist.device, run_dir, model, loggers=self._loggers(run_dir, dist))
+        if start is not None:
+            start = self._restore(start, model, callbacks, ctx)
+        else:
+            start = 0
+            if dist.is_main:
+                atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        for cb in callbacks:
+            cb.on_run_start(ctx)
+        if cfg.run.eval_unseen and start == 0:
+            ctx.initial_eval = True
+            self._evaluate(model, scenario.experiences, scenario.experiences[0], callbacks, ctx)
+            ctx.initial_eval = False
+
+        for exp in scenario.experiences[start:]:
+            ctx.exp_index = exp.index
+            seed_everything(cfg.seed + 1000 * exp.index)  # each experience is reproducible on its own (resume)
+            for cb in callbacks:
+                cb.on_experience_start(exp, ctx)
+            model.on_experience_start(exp, ctx)
+            for k, phase in enumerate(model.phases(exp, ctx)):
+                self._fit(model, exp, phase, k, callbacks, ctx)
+            model.on_experience_end(exp, ctx)
+            for cb in callbacks:
+                cb.on_experience_end(exp, ctx)
+            seen = scenario.experiences if cfg.run.eval_unseen else scenario.experiences[: exp.index + 1]
+            self._evaluate(model, seen, exp, callbacks, ctx)
+            self._checkpoint(model, callbacks, ctx, exp.index)
+
+        for cb in callbacks:
+            cb.on_run_end(ctx)
+        metrics_cb = next(cb for cb in callbacks if isinstance(cb, MetricsCallback))
+        results = Results(metrics_cb.results(ctx), run_dir)
+        self._checkpoint(model, callbacks, ctx, len(scenario) - 1, finished=True)
+        self.model, self.scenario, self.ctx = model, scenario, ctx
+        return results
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def _fit(self, model: CLStrategy, exp: Experience, phase: Phase, k: int, callbacks: list[CLCallback],
+             ctx: RunContext) -> None:
+        cfg = self.cfg
+        model.phase = phase
+        epochs = phase.epochs or model.cfg.epochs or cfg.trainer.max_epochs
+        data = phase.data if phase.data is not None else exp.train
+        dm = ExperienceDataModule(data, phase.batch_size or cfg.data.batch_size, ctx.dist.rank, ctx.dist.world_size,
+                                  seed=ctx.seed_for(f"fit{k}/{phase.name}"), num_workers=cfg.data.num_workers)
+        trainer = make_trainer(cfg, epochs, [c for cb in callbacks for c in cb.trainer_callbacks(ctx)],
+                               ctx.loggers, ctx.run_dir)
+        trainer.fit(model, datamodule=dm)
+
+    def _evaluate(self, model: CLStrategy, exps: list[Experience], exp: Experience, callbacks: list[CLCallback],
+                  ctx: RunContext) -> None:
+        results = evaluate(model, exps, ctx.dist, ctx.device, self.cfg.data.eval_batch_size)
+        for cb in callbacks:
+            cb.on_evaluated(exp, results, ctx)
+
+    def _loggers(self, run_dir: Path, dist: distributed.Dist) -> list[Any]:
+        kind = self.cfg.trainer.logger
+        if kind == "none" or not dist.is_main:
+            return []
+        if kind == "tensorboard":
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            return [TensorBoardLogger(str(run_dir), name="logs", version="")]
+        from pytorch_lightning.loggers import CSVLogger
+
+        return [CSVLogger(str(run_dir), name="logs", version="")]
+
+    def _check_same_stream(self, scenario: Scenario, dist: distributed.Dist) -> None:
+        prints = dist.all_gather_object(scenario.fingerprint())
+        if len(set(prints)) > 1:
+            raise UserError(f"DDP ranks built different streams (fingerprints {prints}); check that every rank "
+                            "reads the same data.root and config")
+
+    def _prepare_run_dir(self, run_dir: Path, dist: distributed.Dist) -> Path | None:
+        """Decide on rank 0 whether to start, resume or refuse; every rank gets the same answer."""
+        decision: tuple[str, str] = ("start", "")
+        if dist.is_main:
+            decision = self._decide(run_dir)
+        decision = dist.broadcast_object(decision)
+        kind, arg = decision
+        if kind == "error":
+            raise UserError(arg)
+        if kind == "done":
+            raise RunAlreadyFinished(run_dir)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        return Path(arg) if kind == "resume" else None
+
+    def _decide(self, run_dir: Path) -> tuple[str, str]:
+        cfg = self.cfg
+        metrics = run_dir / "metrics.json"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        finished = False
+        if metrics.is_file():
+            try:
+                finished = bool(json.loads(metrics.read_text()).get("finished"))
+            except (json.JSONDecodeError, OSError):
+                finished = False
+        if cfg.run.overwrite:
+            return ("start", "")
+        if finished:
+            if cfg.resume == "auto":
+                return ("done", "")
+            return ("error", f"run directory '{run_dir}' holds a finished run; use another seed or run.name, "
+                             "or run.overwrite=true to replace it")
+        if cfg.resume == "auto" and last.is_file():
+            return ("resume", str(last))
+        if last.is_file() or metrics.is_file():
+            return ("error", f"run directory '{run_dir}' holds an unfinished run; resume=auto continues it, "
+                             "run.overwrite=true starts over")
+        return ("start", "")
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, model: CLStrategy, callbacks: list[CLCallback], ctx: RunContext, exp_index: int,
+                    finished: bool = False) -> None:
+        if not self.cfg.run.checkpoint or not ctx.dist.is_main:
+            return
+        state = {
+            "format": CKPT_FORMAT,
+            "exp_index": exp_index,
+            "finished": finished,
+            "strategy": self.cfg.strategy.name,
+            "fingerprint": ctx.scenario.fingerprint(),
+            "structure": model.cl_structure(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "extra": model.extra_state(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
+            "records": {int(k): v for k, v in ctx.records.items()},
+        }
+        folder = ctx.run_dir / "checkpoints"
+        atomic_torch_save(state, folder / f"exp{exp_index}.ckpt")
+        atomic_torch_save(state, folder / "last.ckpt")
+
+    def _restore(self, path: Path, model: CLStrategy, callbacks: list[CLCallback], ctx: RunContext) -> int:
+        state = load_checkpoint(path)
+        if state["fingerprint"] != ctx.scenario.fingerprint():
+            raise UserError(f"checkpoint '{path}' was made on a different stream (class order or samples differ)")
+        restore_model(model, state)
+        for cb in callbacks:
+            if type(cb).__name__ in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][type(cb).__name__])
+        ctx.records.update({int(k): v for k, v in state.get("records", {}).items()})
+        return int(state["exp_index"]) + 1
+
+
+class RunAlreadyFinished(Exception):
+    """``resume=auto`` found a finished run: nothing is redone."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"run in '{run_dir}' is already finished; nothing to do")
+        self.run_dir = run_dir
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a run checkpoint with ``weights_only=True``; a truncated or foreign file is a clear error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"checkpoint '{path}' is unreadable or truncated ({type(err).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise UserError(f"checkpoint '{path}' is not a cl run checkpoint (format {CKPT_FORMAT})")
+    return state
+
+
+def restore_model(model: CLStrategy, state: dict[str, Any]) -> None:
+    """Regrow the architecture recorded in the checkpoint, then load weights and extra state."""
+    model.regrow(state["structure"])
+    model.load_state_dict(state["state_dict"], strict=True)
+    model.load_extra_state(state["extra"])
+
+
+def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], loggers: list[Any],
+                 run_dir: Path) -> pl.Trainer:
+    """A lean Trainer for one training phase: no validation, no Lightning checkpointing, no model summary."""
+    t = cfg.trainer
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, max_epochs=epochs, deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, gradient_clip_val=t.gradient_clip_val,
+        sync_batchnorm=t.sync_batchnorm, log_every_n_steps=t.log_every_n_steps, logger=loggers or False,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, callbacks=callbacks, default_root_dir=str(run_dir),
+    )
+    if t.limit_train_batches is not None:
+        lim = t.limit_train_batches
+        kwargs["limit_train_batches"] = int(lim) if float(lim).is_integer() and lim > 1 else float(lim)
+    if str(t.strategy) == "auto" and str(t.devices) not in ("1", "auto"):
+        kwargs["devices"] = 1
+    return pl.Trainer(**kwargs)
+
+
+def train(cfg: DictConfig, argv: list[str] | None = None) -> Results:
+    """Run a config in this process (the notebook entry point; ``cl train`` calls this too)."""
+    return Runner(cfg, argv).run()
+

@@ -1,0 +1,1 @@
+"""Scenario builders: one file per data set family, registered with ``@register_scenario``."""
