@@ -26,7 +26,7 @@ from cl.errors import ConfigError, UserError
 from cl.evaluation import evaluate
 from cl.registry import SCENARIOS, STRATEGIES
 from cl.strategy import CLStrategy, Phase
-from cl.utils import atomic_torch_save, atomic_write_text, seed_everything
+from cl.utils import atomic_torch_save, atomic_write_text, seed_everything, tensor_hash
 from scenarios.base import Experience, ExperienceData, Scenario
 
 CKPT_FORMAT = 1
@@ -181,6 +181,7 @@ class Runner:
 
         for cb in callbacks:
             cb.on_run_end(ctx)
+        self._write_state_hashes(model, ctx)
         metrics_cb = next(cb for cb in callbacks if isinstance(cb, MetricsCallback))
         results = Results(metrics_cb.results(ctx), run_dir)
         self._checkpoint(model, callbacks, ctx, len(scenario) - 1, finished=True)
@@ -263,6 +264,12 @@ class Runner:
             return ("error", f"run directory '{run_dir}' holds an unfinished run; resume=auto continues it, "
                              "run.overwrite=true starts over")
         return ("start", "")
+
+    def _write_state_hashes(self, model: CLStrategy, ctx: RunContext) -> None:
+        """Every rank hashes its CL state; rank 0 writes all of them (identical hashes = no divergence)."""
+        hashes = ctx.dist.all_gather_object(tensor_hash(model.cl_state_tensors()))
+        if ctx.dist.is_main:
+            atomic_write_text(ctx.run_dir / "state_hashes.json", json.dumps({"ranks": hashes}, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _checkpoint(self, model: CLStrategy, callbacks: list[CLCallback], ctx: RunContext, exp_index: int,
