@@ -44,7 +44,8 @@ def load_backbone_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local state dict (a bare one, a ``cl pretrain`` checkpoint with ``state_dict``, or a timm file).
 
     Keys of a classifier head absent from the backbone are ignored; any other missing, unexpected or mis-shaped key
-    is a :class:`UserError` that names it.
+    is a :class:`UserError` that names it. A ``cl pretrain`` checkpoint's ``content_hash`` is verified first, so a
+    corrupted or edited file is refused.
     """
     p = Path(path)
     if not p.is_file():
@@ -56,6 +57,15 @@ def load_backbone_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
         raise UserError(f"backbone.checkpoint '{path}' holds no state dict")
+    expected = obj.get("content_hash") if isinstance(obj, dict) and "state_dict" in obj else None
+    if isinstance(expected, str):
+        from cl.utils import tensor_hash
+
+        actual = tensor_hash(state)
+        if actual != expected:
+            raise UserError(f"backbone.checkpoint '{path}' fails its content hash check (stored {expected[:16]}, "
+                            f"computed {actual[:16]}): the file is corrupted or was edited; regenerate it with "
+                            "the command in its .json sidecar")
     state = {k.removeprefix("backbone."): v for k, v in state.items()}
     own = model.state_dict()
     head_like = ("head.", "fc.", "classifier.")
