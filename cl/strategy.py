@@ -82,6 +82,9 @@ class CLStrategy(pl.LightningModule):
     #: allowed |last_acc(1 process) - last_acc(2 processes)| in the contract test; > 0 because float reductions
     #: differ between one and two processes and tiny runs amplify that (BatchNorm models differ more)
     contract_ddp_tolerance: ClassVar[float] = 0.05
+    #: False for strategies that legitimately train no parameter (``ncm``); the contract test then skips its
+    #: "some trainable parameter changes" assertion
+    trains_parameters: ClassVar[bool] = True
 
     def __init__(self, cfg: StrategyConfig, backbone: nn.Module, n_classes: int) -> None:
         super().__init__()

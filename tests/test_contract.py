@@ -79,7 +79,8 @@ def test_contract_growth_frozen_and_checkpoint(name, tmp_path, probe):
     sizes = [len(e.classes) for e in runner.scenario.experiences]
     assert probe.widths == [sizes[0], sizes[0] + sizes[1]], "logits must grow with the seen classes"
     assert not probe.frozen_violations, f"frozen parameters changed during fit: {probe.frozen_violations[:5]}"
-    assert any(probe.changed), "no trainable parameter changed in any fit"
+    if STRATEGIES.get(name).trains_parameters:
+        assert any(probe.changed), "no trainable parameter changed in any fit"
     assert results["last_acc"] is not None and 0.0 <= results["last_acc"] <= 1.0
 
     # checkpoint round trip into a fresh model: identical logits
