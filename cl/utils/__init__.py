@@ -76,7 +76,7 @@ def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
     return h.hexdigest()
 
 
