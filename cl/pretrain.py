@@ -131,13 +131,14 @@ def _balanced(targets: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(targets == c)[:per] for c in np.unique(targets)]))
 
 
-def pretrain(cfg: DictConfig, log: Any = print) -> dict[str, Any]:
+def pretrain(cfg: DictConfig, log: Any = None) -> dict[str, Any]:
     """Run the pre-training described by ``cfg``; returns the checkpoint dict (also saved to ``pretrain.output``)."""
     from cl.backbones import build_backbone
     from scenarios.fmnist import FMNIST_MEAN, FMNIST_STD
     from scenarios.proxy import source_half, stream_half
 
     p: PretrainConfig = section(cfg, "pretrain")
+    log = log or (lambda msg: print(msg, flush=True))
     if p.threads:
         torch.set_num_threads(p.threads)
     seed_everything(cfg.seed)
