@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY
 
 from cl.config import build_config
 from cl.data.loaders import make_loader
 from cl.runner import Runner, build_scenario, build_strategy
-from conftest import TINY
 from strategies.ncm import accumulate
 
 CKPT = Path(__file__).resolve().parents[1] / "assets" / "backbones" / "vit_p4_w64_d4_fmnist.pt"
