@@ -51,7 +51,7 @@ class Registry(Generic[T]):
         key = str(name).lower()
         if key not in self._entries:
             raise ConfigError(
-                f"unknown {self.kind} '{name}'{closest(key, self._entries)}; `cl list` shows all {self.kind}s"
+                f"unknown {self.kind} '{name}'{closest(key, self._entries)}; `cl list` shows every registered name"
             )
         return self._entries[key]
 
