@@ -145,6 +145,9 @@ def test_imagenet_r_l2p_and_coda(tmp_path: Path) -> None:
     # permutation order over the 4 classes follows the PyCIL recipe
     _, perm = build("split_imagenet_r", tmp_path, n_experiences=2, class_order="permutation")
     assert perm.class_order == pycil_permutation(4, 1993)
+    bm = perm.benchmark  # the Avalanche export of a file-backed stream has the same experiences
+    assert [sorted(e.classes_in_this_experience) for e in bm.train_stream] == [[0, 1], [2, 3]]
+    assert list(bm.classes_order_original_ids) == perm.class_order
     img = tr.source[int(tr.indices[0])]
     assert img.shape == (3, 8, 8) and img.dtype == torch.float32 and 0 <= float(img.min()) <= float(img.max()) <= 1
     assert not hasattr(tr.source, "batch")
@@ -365,7 +368,7 @@ def test_cl_train_and_data_check_on_a_miniature_copy(tmp_path: Path, capsys: pyt
     assert main(["train", "scenario=split_imagenet_r", f"data.root={tmp_path / 'data'}", "scenario.verify=layout",
                  "scenario.n_experiences=2", "scenario.image_size=8", "backbone=mlp", "trainer.accelerator=cpu",
                  "trainer.enable_progress_bar=false", "trainer.logger=none", "data.batch_size=4",
-                 "run.checkpoint=false", f"run.dir={run_dir}"]) == 0
+                 "data.num_workers=1", "run.checkpoint=false", f"run.dir={run_dir}"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_experiences"] == 2
     assert main(["train", "scenario=split_cifar100", f"data.root={tmp_path / 'none'}", f"run.dir={run_dir}2"]) == 2
