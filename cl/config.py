@@ -108,14 +108,24 @@ class RunConfig:
 
 @dataclass
 class FPFConfig:
-    """Forgetting-prioritised fine-tuning as an add-on to another strategy (see strategies/kfpf.py)."""
+    """Forgetting-prioritised fine-tuning: the add-on (``fpf.enabled``) and every FPF call of ``kfpf``.
 
-    enabled: bool = opt(False, "run FPF on the replay buffer after each experience")
-    modules: list[str] = opt(default_factory=lambda: ["auto"], help="sensitive modules: auto | names | types")
+    See cl/components/fpf.py and docs/strategies/kfpf.md.
+    """
+
+    enabled: bool = opt(False, "run FPF on the replay buffer after each experience (add-on to the strategy)")
+    modules: list[str] = opt(default_factory=lambda: ["auto"],
+                             help="sensitive modules: auto | head | first_conv | a type (BatchNorm) | a name glob")
     iters: int = opt(100, "optimizer steps per FPF call", ge=1)
-    lr: float = opt(0.05, "FPF learning rate", gt=0)
+    lr: float = opt(0.05, "FPF learning rate (plain SGD on the selected modules)", gt=0)
+    momentum: float = opt(0.0, "FPF SGD momentum (buffers reset at every call)", ge=0)
     batch_size: int = opt(32, "buffer batch size during FPF", ge=1)
     buffer_size: int = opt(200, "replay buffer capacity when the strategy has none", ge=1)
+    frozen_bn: str = opt("eval", "BatchNorm outside the selection: eval (running stats) | batch_stats (momentum 0)",
+                         choices=("eval", "batch_stats"))
+    dynamics: str = opt("auto", "per-module training dynamics in metrics.json: auto (with FPF/kfpf) | on | off",
+                        choices=("auto", "on", "off"))
+    measure: bool = opt(False, "evaluate seen experiences right before and after every FPF call (diagnostic)")
 
 
 @dataclass
@@ -268,7 +278,8 @@ def validate(cfg: DictConfig) -> None:
             if meta.get("ge") is not None and isinstance(value, (int, float)) and not value >= meta["ge"]:
                 raise ConfigError(f"invalid value for '{where}': {value} (must be >= {meta['ge']})")
             if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(f"invalid value for '{where}': '{value}' (choose one of {', '.join(map(str, meta['choices']))})")
+                allowed = ", ".join(map(str, meta["choices"]))
+                raise ConfigError(f"invalid value for '{where}': '{value}' (choose one of {allowed})")
         check = getattr(obj_type, "validate", None)
         if callable(check):
             check(OmegaConf.to_object(node))

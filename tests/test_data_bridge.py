@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cl.data.loaders import RankBatchSampler, make_loader
-from cl.registry import STRATEGIES, SCENARIOS
 from cl.config import build_config, section
+from cl.data.loaders import RankBatchSampler, make_loader
+from cl.registry import SCENARIOS, STRATEGIES
 from scenarios.base import ExperienceData, TensorSource
 
 

@@ -8,7 +8,7 @@ Registered: ``mlp``, ``cnn`` (small conv nets for tests and the overhead benchma
 
 from __future__ import annotations
 
-from cl.backbones.base import BackboneBuilder, build_backbone, load_backbone_checkpoint
 from cl.backbones import nets as _nets  # noqa: F401  (registers the built-in backbones)
+from cl.backbones.base import BackboneBuilder, build_backbone, load_backbone_checkpoint
 
 __all__ = ["BackboneBuilder", "build_backbone", "load_backbone_checkpoint"]
