@@ -38,7 +38,8 @@ CIFAR100_PROTOCOLS: dict[str, dict[str, Any]] = {
     "lae": {"n_experiences": 10, "class_order": "natural", "image_size": 224,
             "note": "10 x 10, order 1 = natural; LAE's orders 2 and 3 via class_order=explicit"},
     "lae20": {"n_experiences": 20, "class_order": "natural", "image_size": 224, "note": "20 x 5"},
-    "prd": {"n_experiences": 20, "class_order": "natural", "image_size": 32, "note": "20 x 5 at 32 px, task-IL"},
+    "prd": {"n_experiences": 20, "class_order": "natural", "image_size": 32, "task_labels": True,
+            "note": "20 x 5 at 32 px, task-IL"},
 }
 CIFAR10_PROTOCOLS: dict[str, dict[str, Any]] = {
     "kfpf": {"n_experiences": 5, "class_order": "natural", "image_size": 32,

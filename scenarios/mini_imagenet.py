@@ -22,7 +22,8 @@ from scenarios.verify import SplitReport, load_spec, require_dir, require_file, 
 
 MINI_MEAN, MINI_STD = (0.4729, 0.4487, 0.4030), (0.2833, 0.2752, 0.2886)
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    "prd": {"n_experiences": 20, "class_order": "natural", "image_size": 64, "note": "20 x 5 at 64 px, task-IL"},
+    "prd": {"n_experiences": 20, "class_order": "natural", "image_size": 64, "task_labels": True,
+            "note": "20 x 5 at 64 px, task-IL"},
 }
 
 
