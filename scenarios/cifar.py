@@ -24,7 +24,7 @@ from cl.config import DataConfig, ScenarioConfig, opt
 from cl.errors import DataError
 from cl.registry import register_scenario
 from scenarios.base import Scenario, ScenarioBuilder, TensorSource, class_incremental
-from scenarios.folder import apply_protocol
+from scenarios.folder import apply_protocol, lae_orders
 from scenarios.verify import SplitReport, data_root, file_list_hash, md5_file
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # SLCA's normalisation
@@ -41,6 +41,7 @@ CIFAR100_PROTOCOLS: dict[str, dict[str, Any]] = {
     "prd": {"n_experiences": 20, "class_order": "natural", "image_size": 32, "task_labels": True,
             "note": "20 x 5 at 32 px, task-IL"},
 }
+CIFAR100_PROTOCOLS.update(lae_orders("cifar100", CIFAR100_PROTOCOLS["lae"]))
 CIFAR10_PROTOCOLS: dict[str, dict[str, Any]] = {
     "kfpf": {"n_experiences": 5, "class_order": "natural", "image_size": 32,
              "note": "seq-CIFAR-10 (mammoth): 5 x 2, natural order"},

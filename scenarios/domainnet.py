@@ -26,6 +26,7 @@ from scenarios.folder import (
     apply_protocol,
     build_from_items,
     dataset_folder,
+    lae_orders,
 )
 from scenarios.verify import SplitReport, load_spec, require_file, verify_split
 
@@ -33,6 +34,7 @@ DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "lae": {"n_experiences": 5, "class_order": "natural", "note": "5 x 69 classes over all six domains"},
 }
+PROTOCOLS.update(lae_orders("domainnet", PROTOCOLS["lae"]))
 
 
 def read_list(folder: Path, domain: str, part: str, spec: dict[str, Any]) -> list[tuple[str, int]]:

@@ -156,11 +156,29 @@ def apply_protocol(cfg: Any, protocols: dict[str, dict[str, Any]]) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
+def _short(v: Any) -> str:
+    if isinstance(v, list) and len(v) > 6:
+        return f"[{', '.join(map(str, v[:5]))}, ... ({len(v)})]"
+    return str(v)
+
+
+def lae_orders(dataset: str, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """LAE's class orders 2 and 3 (``scenarios/splits/lae_orders.json``) as protocols ``lae_order2``/``lae_order3``."""
+    import json
+
+    from scenarios.verify import SPLITS_DIR
+
+    orders = json.loads((SPLITS_DIR / "lae_orders.json").read_text())[dataset]
+    return {f"lae_{k}": {**{key: v for key, v in base.items() if key not in ("class_order", "note")},
+                         "class_order": "explicit", "order": list(v), "note": f"LAE class {k[:5]} {k[5:]}"}
+            for k, v in orders.items()}
+
+
 def describe_protocols(protocols: dict[str, dict[str, Any]]) -> list[str]:
     """One line per protocol for ``cl data list``."""
     out = []
     for name, p in protocols.items():
-        keys = ", ".join(f"{k}={v}" for k, v in p.items() if k != "note")
+        keys = ", ".join(f"{k}={_short(v)}" for k, v in p.items() if k != "note")
         out.append(f"{name}: {keys}" + (f" ({p['note']})" if p.get("note") else ""))
     return out
 

@@ -2,9 +2,11 @@
 
 Three train/test splits, named by ``scenario.split`` (numbers are not comparable across them, common.md §3):
 
-* ``l2p`` (default): per class, a seeded 80/20 split of the sorted files (``RandomState(split_seed)``), the recipe
-  of the L2P/DualPrompt code that LAE uses. The official code shuffles with an unseeded global RNG, so its exact
-  lists cannot be re-derived; ours are deterministic and hashed (deviation, documented in docs/data.md).
+* ``l2p`` (default): LAE's shipped lists ``train_list.txt`` / ``val_list.txt`` (``<path> <label>`` lines, paths
+  relative to ``data.root``) when they are in ``data.root`` or in ``imagenet-r/``: the official split, every
+  listed file must exist. Without them, per class a seeded 80/20 split of the sorted files (``RandomState
+  (split_seed)``), the L2P recipe; the L2P code shuffles with an unseeded RNG, so its exact lists cannot be
+  re-derived (deviation, reported by ``cl data check`` and documented in docs/data.md).
 * ``coda``: one seeded 80/20 split of the whole sorted file list (CODA-Prompt's recipe: 24,000 / 6,000).
 * ``pilot``: the pre-split ``imagenet-r/train`` and ``imagenet-r/test`` folders distributed with PILOT/SLCA
   (SLCA and SEMA use these).
@@ -13,6 +15,7 @@ Three train/test splits, named by ``scenario.split`` (numbers are not comparable
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cl.config import DataConfig, opt
@@ -25,6 +28,7 @@ from scenarios.folder import (
     build_from_items,
     dataset_folder,
     derive_split,
+    lae_orders,
     scan_class_folders,
     train_test_or_raw,
 )
@@ -43,6 +47,42 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "lae20": {"split": "l2p", "n_experiences": 20, "class_order": "natural", "note": "20 x 10, L2P split"},
     "coda": {"split": "coda", "n_experiences": 10, "class_order": "natural", "note": "10 x 20, CODA-P split"},
 }
+PROTOCOLS.update(lae_orders("imagenet_r", PROTOCOLS["lae"]))
+
+
+def lae_lists(folder: Path) -> tuple[Path, Path] | None:
+    """LAE's ``train_list.txt`` / ``val_list.txt`` in ``data.root`` or in the ImageNet-R folder, if present."""
+    for base in (folder.parent, folder):
+        if (base / "train_list.txt").is_file() and (base / "val_list.txt").is_file():
+            return base / "train_list.txt", base / "val_list.txt"
+    return None
+
+
+def read_lae_lists(folder: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(class names, train items, test items) of LAE's lists; paths made relative to ``folder``; files must exist."""
+    lists = lae_lists(folder)
+    assert lists is not None
+    parts = []
+    names: dict[int, str] = {}
+    for path in lists:
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise DataError(f"ImageNet-R: '{path}' line {n} is not '<path> <label>': {line!r}")
+            rel = fields[0]
+            if rel.startswith(f"{folder.name}/"):
+                rel = rel[len(folder.name) + 1:]
+            if not (folder / rel).is_file():
+                raise DataError(f"ImageNet-R: missing file '{folder / rel}' (listed in '{path}' line {n})")
+            label = int(fields[1])
+            names.setdefault(label, rel.split("/")[-2] if "/" in rel else str(label))
+            items.append((rel, label))
+        parts.append(items)
+    n_classes = max(names) + 1
+    return [names.get(i, str(i)) for i in range(n_classes)], parts[0], parts[1]
 
 
 @register_scenario("split_imagenet_r")
@@ -71,6 +111,9 @@ class SplitImageNetR(ScenarioBuilder):
                                 f"'{folder / 'test'}') of the PILOT distribution; or use scenario.split=l2p|coda "
                                 "with the raw imagenet-r.tar")
             kind, names, train, test = train_test_or_raw(folder, spec, 0.2, cfg.split_seed)
+        elif cfg.split == "l2p" and lae_lists(folder) is not None:
+            names, train, test = read_lae_lists(folder)
+            return build_from_items(cfg, spec, folder, "l2p-lists", train, test, names, self.reports)
         else:
             if (folder / "train").is_dir():
                 raise DataError(f"ImageNet-R: '{folder}' is a pre-split copy (it has train/); use "

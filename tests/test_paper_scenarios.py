@@ -174,6 +174,35 @@ def test_imagenet_r_errors(tmp_path: Path) -> None:
         build("split_imagenet_r", tmp_path, n_experiences=2)
 
 
+def test_imagenet_r_lae_lists(tmp_path: Path) -> None:
+    """With LAE's train_list.txt / val_list.txt in data.root, split=l2p uses them (the shipped split)."""
+    class_tree(tmp_path / "imagenet-r", WNIDS, 3)
+    rows = {"train": [], "val": []}
+    for c, w in enumerate(WNIDS):
+        for i in range(3):
+            rows["train" if i < 2 else "val"].append(f"imagenet-r/{w}/{w}_{i}.png {c}")
+    for part, r in rows.items():
+        (tmp_path / f"{part}_list.txt").write_text("\n".join(r) + "\n")
+    _, sc = build("split_imagenet_r", tmp_path, n_experiences=2)
+    assert sc.meta["split"] == "l2p-lists" and sc.class_names == WNIDS
+    src = sc.experiences[0].test.source
+    assert src.files == [f"{w}/{w}_2.png" for w in WNIDS] and src.targets.tolist() == [0, 1, 2, 3]
+    (tmp_path / "imagenet-r" / WNIDS[3] / f"{WNIDS[3]}_0.png").unlink()
+    with pytest.raises(DataError, match=r"missing file '.*_0.png' \(listed in '.*train_list.txt' line 7\)"):
+        build("split_imagenet_r", tmp_path)
+
+
+def test_lae_explicit_orders(tmp_path: Path) -> None:
+    fake_cifar(tmp_path, per_class=1)
+    _, sc = build("split_cifar100", tmp_path, protocol="lae_order2")
+    assert sc.class_order[:5] == [23, 8, 11, 7, 48] and sizes(sc) == [10] * 10  # LAE config, order 2
+    _, sc = build("split_cifar100", tmp_path, protocol="lae_order3")
+    assert sc.class_order[:5] == [53, 37, 65, 51, 4]
+    for name, n in (("split_imagenet_r", 200), ("split_domainnet", 345)):
+        for k in ("lae_order2", "lae_order3"):
+            assert sorted(SCENARIOS.get(name).protocols[k]["order"]) == list(range(n))
+
+
 def test_imagenet_r_pilot_folders_and_protocol(tmp_path: Path) -> None:
     names = [f"n{i:08d}" for i in range(40)]
     class_tree(tmp_path / "imagenet-r" / "train", names, 1)
