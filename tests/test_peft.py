@@ -235,6 +235,26 @@ def test_copy_ema_state_dict_and_remove(x: torch.Tensor) -> None:
     assert torch.equal(m(x), ref)
 
 
+def test_copy_as_buffers_keeps_keys_and_output(x: torch.Tensor) -> None:
+    m = tiny_vit()
+    inject(m, [0], LoRASpec(rank=2), name="online")
+    randomize_pet(m)
+    copy_adapter(m, "online", "offline", as_buffers=True)
+    off = m.blocks[0].attn.qkv.pet_modules["offline"]
+    assert list(off.parameters()) == [] and len(list(off.buffers())) == 6  # A, B, scale for K and V
+    assert sorted(pet_state_dict(m, "offline")) == sorted(k.replace(".online.", ".offline.")
+                                                         for k in pet_state_dict(m, "online"))
+    out_on = m(x)
+    with active_adapters(m, "offline"):
+        assert torch.equal(m(x), out_on)
+    ema_update_(m, "online", "offline", 0.5)  # EMA works on buffers too
+    with torch.no_grad():
+        m.blocks[0].attn.qkv.pet_modules["online"].k.lora_B.add_(1.0)
+    before = off.k.lora_B.clone()
+    ema_update_(m, "online", "offline", 0.5)
+    torch.testing.assert_close(off.k.lora_B, 0.5 * before + 0.5 * m.blocks[0].attn.qkv.pet_modules["online"].k.lora_B)
+
+
 def test_bad_specs_raise() -> None:
     with pytest.raises(ValueError, match="width"):
         inject(tiny_vit(), [0], AdapterSpec(width=0))

@@ -25,6 +25,7 @@ from cl.peft.inject import (
     is_pet_name,
     load_pet_state_dict,
     mark_only_pet_trainable,
+    params_to_buffers_,
     pet_named_parameters,
     pet_parameters,
     pet_state_dict,
@@ -40,5 +41,5 @@ __all__ = [
     "Adapter", "AdapterSpec", "Scale", "io_dims", "LoRA", "KVLoRA", "LoRASpec", "Prefix", "PrefixSpec",
     "inject", "remove", "wrappers", "adapter_names", "is_pet_name", "pet_parameters", "pet_named_parameters",
     "mark_only_pet_trainable", "pet_state_dict", "load_pet_state_dict", "set_active", "active_adapters",
-    "copy_adapter", "ema_update_",
+    "copy_adapter", "ema_update_", "params_to_buffers_",
 ]

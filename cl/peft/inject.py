@@ -40,6 +40,7 @@ __all__ = [
     "PET_KEY", "PETSpec", "PETWrapper", "ParallelWrapper", "SequentialWrapper", "InputTap", "inject", "remove",
     "wrappers", "is_pet_name", "pet_parameters", "pet_named_parameters", "mark_only_pet_trainable", "pet_state_dict",
     "load_pet_state_dict", "set_active", "active_adapters", "copy_adapter", "ema_update_", "adapter_names",
+    "params_to_buffers_",
 ]
 
 #: the attribute that holds PET modules in every wrapper; it appears in every PET parameter's name
@@ -280,14 +281,37 @@ def active_adapters(model: nn.Module, names: Iterable[str] | str) -> Iterator[No
             w.active = saved.get(path, [])
 
 
-def copy_adapter(model: nn.Module, src: str, dst: str, trainable: bool = False) -> dict[str, nn.Module]:
-    """Add a deep copy of adapter ``src`` as ``dst`` in every wrapper that has ``src`` (not activated)."""
+def params_to_buffers_(module: nn.Module) -> nn.Module:
+    """Turn every parameter of ``module`` into a persistent buffer of the same name (same state-dict keys).
+
+    For state that must not train but does change, such as an EMA copy: buffers are saved, moved and loaded like
+    parameters, are never handed to an optimizer or to DDP's gradient reduction, and a "frozen parameters stay
+    unchanged" check does not apply to them.
+    """
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None:
+                continue
+            del m._parameters[name]
+            m.register_buffer(name, p.detach().clone(), persistent=True)
+    return module
+
+
+def copy_adapter(model: nn.Module, src: str, dst: str, trainable: bool = False,
+                 as_buffers: bool = False) -> dict[str, nn.Module]:
+    """Add a deep copy of adapter ``src`` as ``dst`` in every wrapper that has ``src`` (not activated).
+
+    ``trainable`` sets ``requires_grad`` of the copy; ``as_buffers`` stores its tensors as buffers instead
+    (:func:`params_to_buffers_`; LAE's offline expert, which follows the online one by EMA).
+    """
     created = {}
     for path, w in wrappers(model):
         if src in w.pet_modules:
             if dst in w.pet_modules:
                 raise ValueError(f"adapter '{dst}' already exists at {path}")
             m = copy.deepcopy(w.pet_modules[src]).requires_grad_(trainable)
+            if as_buffers:
+                params_to_buffers_(m)
             w.add(dst, m, activate=False)
             created[path] = m
     return created
