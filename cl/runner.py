@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cl import distributed
+from cl import distributed, provenance
 from cl.callbacks import CALLBACKS, CLCallback, MetricsCallback
 from cl.config import section
 from cl.data.loaders import ExperienceDataModule, make_loader
@@ -26,7 +27,7 @@ from cl.errors import ConfigError, UserError
 from cl.evaluation import evaluate
 from cl.registry import SCENARIOS, STRATEGIES
 from cl.strategy import CLStrategy, Phase
-from cl.utils import atomic_torch_save, atomic_write_text, seed_everything, tensor_hash
+from cl.utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything, tensor_hash
 from scenarios.base import Experience, ExperienceData, Scenario
 
 CKPT_FORMAT = 1
@@ -157,6 +158,10 @@ class Runner:
             start = 0
             if dist.is_main:
                 atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        hosts = dist.all_gather_object(provenance.hostname())
+        if dist.is_main:  # rewritten on resume: hosts and world size may have changed
+            atomic_write_json(run_dir / "provenance.json",
+                              provenance.collect(cfg, scenario, hosts, dist.world_size, self.argv))
         for cb in callbacks:
             cb.on_run_start(ctx)
         if cfg.run.eval_unseen and start == 0:
@@ -258,9 +263,10 @@ class Runner:
                 return ("done", "")
             return ("error", f"run directory '{run_dir}' holds a finished run; use another seed or run.name, "
                              "or run.overwrite=true to replace it")
-        if cfg.resume == "auto" and last.is_file():
-            return ("resume", str(last))
-        if last.is_file() or metrics.is_file():
+        has_ckpt = last.is_file() or any(last.parent.glob("exp*.ckpt"))
+        if cfg.resume == "auto" and has_ckpt:
+            return ("resume", str(last.parent))
+        if has_ckpt or metrics.is_file():
             return ("error", f"run directory '{run_dir}' holds an unfinished run; resume=auto continues it, "
                              "run.overwrite=true starts over")
         return ("start", "")
@@ -292,16 +298,34 @@ class Runner:
         atomic_torch_save(state, folder / f"exp{exp_index}.ckpt")
         atomic_torch_save(state, folder / "last.ckpt")
 
-    def _restore(self, path: Path, model: CLStrategy, callbacks: list[CLCallback], ctx: RunContext) -> int:
-        state = load_checkpoint(path)
-        if state["fingerprint"] != ctx.scenario.fingerprint():
-            raise UserError(f"checkpoint '{path}' was made on a different stream (class order or samples differ)")
-        restore_model(model, state)
-        for cb in callbacks:
-            if type(cb).__name__ in state["callbacks"]:
-                cb.load_state_dict(state["callbacks"][type(cb).__name__])
-        ctx.records.update({int(k): v for k, v in state.get("records", {}).items()})
-        return int(state["exp_index"]) + 1
+    def _restore(self, folder: Path, model: CLStrategy, callbacks: list[CLCallback], ctx: RunContext) -> int:
+        """Restore the newest readable checkpoint: ``last.ckpt``, else ``exp<k>.ckpt`` from the highest k down.
+
+        A truncated or corrupt file is reported by name and skipped; atomic writes make this rare (a crash while
+        writing leaves the previous file in place), but a disk can still fail.
+        """
+        candidates = [folder / "last.ckpt"] + sorted(folder.glob("exp*.ckpt"), reverse=True,
+                                                     key=lambda p: int(p.stem[3:]) if p.stem[3:].isdigit() else -1)
+        errors = []
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                state = load_checkpoint(path)
+            except UserError as err:
+                errors.append(str(err))
+                if ctx.dist.is_main:
+                    print(f"cl: warning: {err}; trying an older checkpoint", file=sys.stderr)
+                continue
+            if state["fingerprint"] != ctx.scenario.fingerprint():
+                raise UserError(f"checkpoint '{path}' was made on a different stream (class order or samples differ)")
+            restore_model(model, state)
+            for cb in callbacks:
+                if type(cb).__name__ in state["callbacks"]:
+                    cb.load_state_dict(state["callbacks"][type(cb).__name__])
+            ctx.records.update({int(k): v for k, v in state.get("records", {}).items()})
+            return int(state["exp_index"]) + 1
+        raise UserError(f"no readable checkpoint in '{folder}': {'; '.join(errors) or 'none found'}")
 
 
 class RunAlreadyFinished(Exception):

@@ -67,6 +67,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     m["finished"] = False
     (tmp_path / "metrics.json").write_text(json.dumps(m))
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    ckpts = tmp_path / "checkpoints"
+    for name in ("last.ckpt", "exp4.ckpt", "exp3.ckpt"):  # the newest three are damaged
+        (ckpts / name).write_bytes((ckpts / name).read_bytes()[:100])
+    resumed = Runner(_cfg(tmp_path, "seed=1", "resume=auto")).run()  # falls back to exp2.ckpt
+    assert resumed.metrics["correct"] == m["correct"]
+    for path in ckpts.glob("*.ckpt"):  # nothing readable left: a clear error naming the files
+        path.write_bytes(b"garbage")
+    m["finished"] = False
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="last.ckpt' is unreadable or truncated"):
         Runner(_cfg(tmp_path, "seed=1", "resume=auto")).run()
