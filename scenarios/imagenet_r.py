@@ -7,7 +7,9 @@ Three train/test splits, named by ``scenario.split`` (numbers are not comparable
   listed file must exist. Without them, per class a seeded 80/20 split of the sorted files (``RandomState
   (split_seed)``), the L2P recipe; the L2P code shuffles with an unseeded RNG, so its exact lists cannot be
   re-derived (deviation, reported by ``cl data check`` and documented in docs/data.md).
-* ``coda``: one seeded 80/20 split of the whole sorted file list (CODA-Prompt's recipe: 24,000 / 6,000).
+* ``coda``: CODA-Prompt's shipped lists ``imagenet-r_train.yaml`` / ``imagenet-r_test.yaml`` (its
+  ``dataloaders/splits``; keys ``data`` and ``targets``) when they are in ``data.root`` or ``imagenet-r/``.
+  Without them, one seeded 80/20 split of the whole sorted file list (CODA-Prompt's recipe: 24,000 / 6,000).
 * ``pilot``: the pre-split ``imagenet-r/train`` and ``imagenet-r/test`` folders distributed with PILOT/SLCA
   (SLCA and SEMA use these).
 """
@@ -58,6 +60,48 @@ def lae_lists(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def coda_lists(folder: Path) -> tuple[Path, Path] | None:
+    """CODA-Prompt's ``imagenet-r_train.yaml`` / ``imagenet-r_test.yaml`` in ``data.root`` or ``imagenet-r/``."""
+    for base in (folder.parent, folder):
+        if (base / "imagenet-r_train.yaml").is_file() and (base / "imagenet-r_test.yaml").is_file():
+            return base / "imagenet-r_train.yaml", base / "imagenet-r_test.yaml"
+    return None
+
+
+def _relative(folder: Path, listed: str) -> str:
+    """A listed path made relative to the ImageNet-R folder (lists prefix it with their own data root)."""
+    parts = listed.replace("\\", "/").split("/")
+    if folder.name in parts:
+        parts = parts[len(parts) - parts[::-1].index(folder.name):]
+    return "/".join(parts)
+
+
+def read_coda_lists(folder: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(class names, train items, test items) of CODA-Prompt's YAML lists; every listed file must exist."""
+    import yaml
+
+    lists = coda_lists(folder)
+    assert lists is not None
+    parts, names = [], {}
+    for path in lists:
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+            data, targets = list(content["data"]), [int(t) for t in content["targets"]]
+        except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+            raise DataError(f"ImageNet-R: '{path}' is not a CODA-Prompt split (keys data, targets): {err}") from None
+        if len(data) != len(targets):
+            raise DataError(f"ImageNet-R: '{path}' lists {len(data)} files but {len(targets)} targets")
+        items = []
+        for listed, label in zip(data, targets):
+            rel = _relative(folder, str(listed))
+            if not (folder / rel).is_file():
+                raise DataError(f"ImageNet-R: missing file '{folder / rel}' (listed in '{path}')")
+            names.setdefault(label, rel.split("/")[-2] if "/" in rel else str(label))
+            items.append((rel, label))
+        parts.append(items)
+    return [names.get(i, str(i)) for i in range(max(names) + 1)], parts[0], parts[1]
+
+
 def read_lae_lists(folder: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     """(class names, train items, test items) of LAE's lists; paths made relative to ``folder``; files must exist."""
     lists = lae_lists(folder)
@@ -72,9 +116,7 @@ def read_lae_lists(folder: Path) -> tuple[list[str], list[tuple[str, int]], list
             fields = line.split()
             if len(fields) != 2 or not fields[1].isdigit():
                 raise DataError(f"ImageNet-R: '{path}' line {n} is not '<path> <label>': {line!r}")
-            rel = fields[0]
-            if rel.startswith(f"{folder.name}/"):
-                rel = rel[len(folder.name) + 1:]
+            rel = _relative(folder, fields[0])
             if not (folder / rel).is_file():
                 raise DataError(f"ImageNet-R: missing file '{folder / rel}' (listed in '{path}' line {n})")
             label = int(fields[1])
@@ -114,6 +156,9 @@ class SplitImageNetR(ScenarioBuilder):
         elif cfg.split == "l2p" and lae_lists(folder) is not None:
             names, train, test = read_lae_lists(folder)
             return build_from_items(cfg, spec, folder, "l2p-lists", train, test, names, self.reports)
+        elif cfg.split == "coda" and coda_lists(folder) is not None:
+            names, train, test = read_coda_lists(folder)
+            return build_from_items(cfg, spec, folder, "coda-lists", train, test, names, self.reports)
         else:
             if (folder / "train").is_dir():
                 raise DataError(f"ImageNet-R: '{folder}' is a pre-split copy (it has train/); use "

@@ -192,6 +192,23 @@ def test_imagenet_r_lae_lists(tmp_path: Path) -> None:
         build("split_imagenet_r", tmp_path)
 
 
+def test_imagenet_r_coda_lists(tmp_path: Path) -> None:
+    """With CODA-Prompt's YAML lists in data.root, split=coda uses them."""
+    import yaml
+
+    class_tree(tmp_path / "imagenet-r", WNIDS, 3)
+    for part, keep in (("train", (0, 1)), ("test", (2,))):
+        data = [f"data/imagenet-r/{w}/{w}_{i}.png" for w in WNIDS for i in keep]
+        targets = [c for c in range(4) for _ in keep]
+        (tmp_path / f"imagenet-r_{part}.yaml").write_text(yaml.safe_dump({"data": data, "targets": targets}))
+    _, sc = build("split_imagenet_r", tmp_path, split="coda", n_experiences=4)
+    assert sc.meta["split"] == "coda-lists" and sizes(sc) == [1] * 4
+    assert sc.experiences[0].train.source.files[:2] == [f"{WNIDS[0]}/{WNIDS[0]}_0.png", f"{WNIDS[0]}/{WNIDS[0]}_1.png"]
+    (tmp_path / "imagenet-r" / WNIDS[0] / f"{WNIDS[0]}_2.png").unlink()
+    with pytest.raises(DataError, match=r"missing file '.*_2.png' \(listed in '.*imagenet-r_test.yaml'\)"):
+        build("split_imagenet_r", tmp_path, split="coda")
+
+
 def test_lae_explicit_orders(tmp_path: Path) -> None:
     fake_cifar(tmp_path, per_class=1)
     _, sc = build("split_cifar100", tmp_path, protocol="lae_order2")
