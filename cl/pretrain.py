@@ -45,7 +45,7 @@ from cl.errors import UserError
 from cl.utils import atomic_torch_save, atomic_write_json, seed_everything, tensor_hash
 
 #: keys that do not change the trained weights, left out of the config hash
-HASH_EXCLUDE = (("pretrain", "output"), ("data", "root"), ("data", "num_workers"))
+HASH_EXCLUDE = (("pretrain", "output"), ("pretrain", "threads"), ("data", "root"), ("data", "num_workers"))
 
 
 @dataclass
@@ -171,7 +171,7 @@ def pretrain(cfg: DictConfig, log: Any = None) -> dict[str, Any]:
         backbone.train()
         head.train()
         order = torch.randperm(len(labels), generator=gen)
-        run_loss, run_correct, seen = 0.0, 0, 0
+        run_loss, run_correct, seen, t_ep = 0.0, 0, 0, time.time()
         for b in range(steps_per_epoch):
             idx = order[b * bs:(b + 1) * bs]
             x = _prepare(images[idx], p.image_size, FMNIST_MEAN[0], FMNIST_STD[0], p.input_norm,
@@ -187,6 +187,9 @@ def pretrain(cfg: DictConfig, log: Any = None) -> dict[str, Any]:
             run_loss += loss.item() * len(y)
             run_correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+            if (b + 1) % 50 == 0:
+                rate = seen / (time.time() - t_ep)
+                log(f"  step {b + 1}/{steps_per_epoch}: loss {run_loss / seen:.4f}, {rate:.0f} img/s")
         log(f"epoch {epoch + 1}/{p.epochs}: loss {run_loss / seen:.4f}, train acc {run_correct / seen:.4f}, "
             f"{seen * (epoch + 1) / (time.time() - t0):.0f} img/s")
     train_s = time.time() - t0
