@@ -89,6 +89,29 @@ class Results:
     def __getitem__(self, key: str) -> Any:
         return self.metrics[key]
 
+    # Tables and plots (pandas, matplotlib) live in cl.results / cl.plots; these delegate to them.
+    def tables(self) -> Any:
+        """This run as a :class:`cl.results.RunResults` (DataFrames: summary, matrix, experiences, passes)."""
+        from cl.results import from_metrics
+
+        return from_metrics(self.metrics, self.run_dir)
+
+    def to_frame(self) -> Any:
+        """The summary row (last/avg/avg-inc accuracy, forgetting, time, FLOPs, parameters added) as a DataFrame."""
+        return self.tables().summary()
+
+    def matrix_frame(self) -> Any:
+        """The accuracy matrix as a DataFrame (rows: after training exp i; columns: evaluated on exp j)."""
+        return self.tables().matrix()
+
+    def experiences_frame(self) -> Any:
+        """Per-experience details (time, memory, per-pass seen accuracy, ``ctx.record`` values) as a DataFrame."""
+        return self.tables().experiences()
+
+    def plot_matrix(self, path: str | os.PathLike | None = None, **kw: Any) -> Any:
+        """Heatmap of the accuracy matrix (a matplotlib Figure; saved as PNG with ``path``)."""
+        return self.tables().plot_matrix(path, **kw)
+
 
 def build_scenario(cfg: DictConfig) -> Scenario:
     return SCENARIOS.get(cfg.scenario.name)().build(section(cfg, "scenario"), section(cfg, "data"))
