@@ -77,19 +77,26 @@ def print_config_help(overrides: list[str]) -> None:
 def cmd_train(args: list[str]) -> int:
     from cl.config import build_config
     from cl.runner import RunAlreadyFinished, train
+    from cl.sweep import expand
 
     config, overrides, flags = split_args(args)
     if "--help" in flags or "-h" in args:
         print_config_help(overrides)
         return 0
-    cfg = build_config(config, overrides)
-    try:
-        results = train(cfg, argv=["train", *args])
-    except RunAlreadyFinished as done:
-        print(str(done))
-        return 0
-    if int(os.environ.get("RANK", "0")) == 0:
-        print_results(results)
+    sweep_file = next((o.split("=", 1)[1] for o in overrides if o.startswith("sweep=")), None)
+    runs = expand([o for o in overrides if not o.startswith("sweep=")], sweep_file)
+    configs = [build_config(config, run) for run in runs]  # every mistake surfaces before the first run starts
+    for k, (cfg, run) in enumerate(zip(configs, runs)):
+        if len(runs) > 1:
+            print(f"[run {k + 1}/{len(runs)}] {' '.join(run)}")
+        argv = ["train", *([f"config={config}"] if config else []), *run]
+        try:
+            results = train(cfg, argv=argv)
+        except RunAlreadyFinished as done:
+            print(str(done))
+            continue
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_results(results)
     return 0
 
 
