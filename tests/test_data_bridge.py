@@ -65,3 +65,16 @@ def test_digits_stream_classes_and_renumbering():
     orig = first.train.source.targets[first.train.indices]
     assert set(orig) == set(sc.class_order[:2])
     assert set(first.train.targets) == {0, 1}
+
+
+def test_concat_over_different_sources():
+    from cl.data.loaders import concat
+
+    a, b = _data(5), _data(4)
+    b.source = TensorSource(torch.arange(100, 104, dtype=torch.float32).view(4, 1, 1, 1), np.arange(4) % 3)
+    a.indices, a.targets = np.array([1, 3]), np.array([1, 0])
+    b.indices, b.targets = np.array([0, 2]), np.array([0, 2])
+    joined = concat([a, b])
+    (x, y), = list(make_loader(joined, 8, train=False))
+    assert x.flatten().tolist() == [1.0, 3.0, 100.0, 102.0] and y.tolist() == [1, 0, 0, 2]
+    assert joined.source[int(joined.indices[2])].item() == 100.0  # per-item access agrees

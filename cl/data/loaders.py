@@ -126,9 +126,50 @@ class ExperienceDataModule(pl.LightningDataModule):
                            seed=self.seed, num_workers=self.num_workers)
 
 
+class ConcatSource:
+    """Several sources behind one index space (source k's item i is at ``offsets[k] + i``)."""
+
+    def __init__(self, sources: list[Any]) -> None:
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(src) for src in sources])
+        self.targets = np.concatenate([np.asarray(src.targets) for src in sources])
+        if all(hasattr(src, "batch") for src in sources):
+            self.batch = self._batch
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, i - int(self.offsets[k])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        k, j = self._locate(int(i))
+        return self.sources[k][j]
+
+    def _batch(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = indices.numpy()
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        out: torch.Tensor | None = None
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            part = self.sources[k].batch(torch.as_tensor(idx[sel] - self.offsets[k]))
+            if out is None:
+                out = part.new_empty((len(idx), *part.shape[1:]))
+            out[torch.as_tensor(sel)] = part
+        assert out is not None
+        return out
+
+
 def concat(parts: list[ExperienceData]) -> ExperienceData:
-    """Union of views over the same source (the ``joint`` baseline)."""
-    src = parts[0].source
-    if any(p.source is not src for p in parts):
-        raise ValueError("cannot concatenate views of different sources")
-    return ExperienceData(src, np.concatenate([p.indices for p in parts]), np.concatenate([p.targets for p in parts]))
+    """Union of views (the ``joint`` baseline); views over different sources go through a :class:`ConcatSource`."""
+    sources: list[Any] = []
+    for p in parts:
+        if not any(p.source is s for s in sources):
+            sources.append(p.source)
+    targets = np.concatenate([p.targets for p in parts])
+    if len(sources) == 1:
+        return ExperienceData(sources[0], np.concatenate([p.indices for p in parts]), targets)
+    cat = ConcatSource(sources)
+    offset = {id(s): int(cat.offsets[k]) for k, s in enumerate(sources)}
+    return ExperienceData(cat, np.concatenate([p.indices + offset[id(p.source)] for p in parts]), targets)
