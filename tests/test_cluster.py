@@ -103,25 +103,29 @@ def test_requeue_handler_checkpoints_and_requeues(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_matrix(tmp_path):
+    """SIGKILL at several points (right after a checkpoint lands, and inside the next experience), then resume."""
     args = ["train", "config=configs/quickstart.yaml", "trainer.enable_progress_bar=false", "strategy.epochs=2",
             "trainer.logger=none", "seed=5"]
     ref = cl_cli([*args, f"run.dir={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
-    run = tmp_path / "killed"
+    expected = read_metrics(tmp_path / "ref")["correct"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "cl", *args, f"run.dir={run}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "exp1.ckpt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-stream: after experience 1's checkpoint, before the end
-    proc.wait()
-    assert not json.loads((run / "metrics.json").read_text())["finished"]
-    again = cl_cli([*args, f"run.dir={run}"])
-    assert again.returncode == 2 and "unfinished run" in again.stderr
-    resumed = cl_cli([*args, f"run.dir={run}", "resume=auto"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert read_metrics(run)["correct"] == read_metrics(tmp_path / "ref")["correct"]
+    for marker, delay in (("exp0.ckpt", 0.0), ("exp2.ckpt", 0.4)):
+        run = tmp_path / f"killed_{marker}"
+        proc = subprocess.Popen([sys.executable, "-m", "cl", *args, f"run.dir={run}"], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / marker).exists() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not json.loads((run / "metrics.json").read_text())["finished"]
+        again = cl_cli([*args, f"run.dir={run}"])
+        assert again.returncode == 2 and "unfinished run" in again.stderr
+        resumed = cl_cli([*args, f"run.dir={run}", "resume=auto"])
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert read_metrics(run)["correct"] == expected, f"killed after {marker} + {delay}s"
     done = cl_cli([*args, f"run.dir={run}", "resume=auto"])
     assert done.returncode == 0 and "already finished" in done.stdout
 
