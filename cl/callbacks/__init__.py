@@ -6,6 +6,8 @@ below, so the runner needs no change.
 """
 
 from cl.callbacks.base import CALLBACKS, CLCallback
+from cl.callbacks.flops import FlopsCallback
+from cl.callbacks.fpf_addon import DynamicsCallback, FPFAddon
 from cl.callbacks.metrics import MetricsCallback
 
-__all__ = ["CALLBACKS", "CLCallback", "MetricsCallback"]
+__all__ = ["CALLBACKS", "CLCallback", "DynamicsCallback", "FPFAddon", "FlopsCallback", "MetricsCallback"]
