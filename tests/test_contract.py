@@ -100,10 +100,11 @@ def test_contract_growth_frozen_and_checkpoint(name, tmp_path, probe):
 @pytest.mark.ddp
 @pytest.mark.parametrize("name", NAMES)
 def test_contract_ddp_two_processes(name, tmp_path):
-    base = _overrides(name, tmp_path, ["scenario.augment=false"])
-    one = cl_cli(["train", *base[:-1], f"run.dir={tmp_path / 'one'}"])
+    # without the shared run.dir (each run gets its own below); augmentation off so both runs see the same images
+    base = [o for o in _overrides(name, tmp_path, ["scenario.augment=false"]) if not o.startswith("run.dir=")]
+    one = cl_cli(["train", *base, f"run.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = cl_cli(["train", *base[:-1], f"run.dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"])
+    two = cl_cli(["train", *base, f"run.dir={tmp_path / 'two'}", "trainer.devices=2", "trainer.strategy=ddp"])
     assert two.returncode == 0, two.stderr[-3000:]
     hashes = json.loads((tmp_path / "two" / "state_hashes.json").read_text())["ranks"]
     assert len(hashes) == 2 and hashes[0] == hashes[1], "CL state differs between DDP ranks"
