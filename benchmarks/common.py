@@ -107,12 +107,18 @@ class WithTransforms(nn.Module):
         return self.net(self.train_tf(x) if self.training else self.eval_tf(x))
 
 
-def avalanche_benchmark(scenario: Scenario) -> Any:
-    """An Avalanche ``tensors_benchmark`` holding the stream's raw [0, 1] images (same samples, same labels)."""
+def avalanche_benchmark(scenario: Scenario, train_limit: int | None = None) -> Any:
+    """An Avalanche ``tensors_benchmark`` holding the stream's raw [0, 1] images (same samples, same labels).
+
+    ``train_limit`` keeps a random subset of that many training samples per experience (smoke tests only).
+    """
     from avalanche.benchmarks import tensors_benchmark
 
     identity = nn.Identity()
     train = [transformed_tensors(e.train, identity) for e in scenario.experiences]
+    if train_limit is not None:
+        g = torch.Generator().manual_seed(0)
+        train = [(x[k], y[k]) for x, y in train for k in [torch.randperm(len(y), generator=g)[:train_limit]]]
     test = [transformed_tensors(e.test, identity) for e in scenario.experiences]
     return tensors_benchmark(train_tensors=train, test_tensors=test, task_labels=[0] * len(train),
                              complete_test_set_only=False)
@@ -121,7 +127,7 @@ def avalanche_benchmark(scenario: Scenario) -> Any:
 def run_avalanche(kind: str, model: nn.Module, scenario: Scenario, *, epochs: int, batch_size: int, lr: float,
                   momentum: float = 0.9, eval_batch_size: int = 256, convention: str = "normalized",
                   weight_decay: float = 0.0, ewc_lambda: float = 100.0, lwf_alpha: float = 1.0,
-                  lwf_temperature: float = 2.0) -> dict[str, Any]:
+                  lwf_temperature: float = 2.0, train_limit: int | None = None) -> dict[str, Any]:
     """Train Avalanche's ``Naive``/``EWC``/``LwF`` on the stream as a user would: accuracy and forgetting metrics
     on, no console logger; evaluate on the seen test experiences after each experience.
 
@@ -135,7 +141,7 @@ def run_avalanche(kind: str, model: nn.Module, scenario: Scenario, *, epochs: in
     from avalanche.training.plugins import EvaluationPlugin
 
     t0 = time.perf_counter()
-    bench = avalanche_benchmark(scenario)
+    bench = avalanche_benchmark(scenario, train_limit)
     model = WithTransforms(model, *scenario.transforms(convention))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,0 +1,479 @@
+"""The proxy benchmark: every registered strategy, the ``joint`` upper bound and Avalanche's ``Naive``, ``EWC`` and
+``LwF`` on the ``proxy_fmnist`` stream, several seeds each; writes a table into ``benchmarks/README.md`` and a plot.
+
+Rows are grouped by backbone, as the papers use them:
+
+* ``vit``: the ViT pre-trained on the SOURCE half of Fashion-MNIST (``assets/backbones/vit_p4_w64_d4_fmnist.pt``)
+  for the pre-trained-model strategies (SLCA, LAE, SEMA, ``ncm``), with ``finetune`` and ``joint`` as bounds;
+* ``scratch``: a narrow CIFAR ResNet-18 trained from scratch for the rest (k-FPF, ER, DER++, PRD, ...), with
+  ``finetune``, ``joint`` and the Avalanche references on the same model, data, epochs, batch size and optimizer.
+
+Each ``cl`` row starts from the strategy's CPU preset ``configs/<name>/cpu.yaml`` (its ``strategy``, ``data``,
+``trainer`` and ``fpf`` keys; the stream and backbone are those of the group) or, without a preset, from the
+group's default keys (:data:`GROUPS`). Every run is cached under ``benchmarks/proxy/cache/`` by a hash of its
+resolved config, the strategy's source file and the backbone checkpoint's bytes, so adding or changing a strategy
+reruns only its rows.
+
+    python benchmarks/proxy/run.py                  # the full table (3 seeds), ~30 min on 2 cores
+    python benchmarks/proxy/run.py --quick          # one seed, 3 batches per epoch: a smoke test
+    python benchmarks/proxy/run.py --only er kfpf --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+README = REPO / "benchmarks" / "README.md"
+PLOT = REPO / "benchmarks" / "proxy" / "proxy_fmnist.png"
+VIT_CKPT = "assets/backbones/vit_p4_w64_d4_fmnist.pt"
+BENCH_VERSION = 1  # bump to invalidate every cached run
+MARK_START, MARK_END = "<!-- proxy-table:start -->", "<!-- proxy-table:end -->"
+
+#: the streams rows run on; ``digits`` is a seconds-long stand-in for tests
+STREAMS: dict[str, list[str]] = {
+    "proxy": ["scenario=proxy_fmnist", "scenario.n_experiences=5", "scenario.image_size=32",
+              "scenario.train_per_class=500", "scenario.shift=digits"],
+    "digits": ["scenario=split_digits", "scenario.n_experiences=5", "scenario.image_size=32",
+               "scenario.invert_last=true"],
+}
+
+#: per backbone group: the backbone, and the keys of baselines / strategies without a preset (also used to set
+#: the Avalanche references' epochs, batch size and learning rate)
+GROUPS: dict[str, dict[str, Any]] = {
+    "vit": {
+        "title": "pre-trained ViT (vit_p4_w64_d4, SOURCE half of Fashion-MNIST)",
+        "backbone": ["backbone=vit_p4_w64_d4", f"backbone.checkpoint={VIT_CKPT}"],
+        "defaults": {"strategy.epochs": 2, "strategy.lr": 0.01, "strategy.momentum": 0.9, "data.batch_size": 32},
+        "avalanche": [],
+    },
+    "scratch": {
+        "title": "ResNet-18 (CIFAR stem, nf=8) from scratch",
+        "backbone": ["backbone=resnet18_cifar", "backbone.nf=8"],
+        "defaults": {"strategy.epochs": 2, "strategy.lr": 0.05, "strategy.momentum": 0.9, "data.batch_size": 32},
+        "avalanche": ["naive", "ewc", "lwf"],
+    },
+}
+#: strategies built on a pre-trained model; every other registered strategy goes to ``scratch``
+PRETRAINED = {"slca", "lae", "sema", "ncm"}
+#: baselines that appear in both groups
+BASELINES = ("finetune", "joint")
+#: Avalanche hyper-parameters (defaults of its examples on split MNIST-like streams)
+AVALANCHE_KW = {"ewc": {"ewc_lambda": 100.0}, "lwf": {"lwf_alpha": 1.0, "lwf_temperature": 2.0}, "naive": {}}
+#: caps that keep a preset within the ~30 min budget (applied after the preset; stated in the README)
+BENCH_OVERRIDES: dict[str, list[str]] = {
+    "prd": ["strategy.epochs=3", "strategy.warmup_epochs=3"],
+}
+#: ablation rows for the claims: label -> (strategy, extra overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "prd[lambda_d=0]": ("prd", ["strategy.lambda_d=0"]),
+}
+COMMON = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+          "trainer.logger=none", "run.checkpoint=false", "run.overwrite=true"]
+
+COLUMNS = ["group", "strategy", "last acc %", "avg inc acc %", "forgetting %", "wall s", "train GFLOPs",
+           "trainable params", "added params", "seeds"]
+
+
+@dataclass
+class Row:
+    group: str
+    name: str  # row label: a strategy name, a variant name or avalanche:<kind>
+    engine: str  # cl | avalanche
+    strategy: str = ""  # the registered strategy (cl rows)
+    preset: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def preset_overrides(name: str) -> tuple[str | None, list[str]]:
+    """The preset's strategy/data/trainer/fpf keys as dotlist overrides (stream and backbone are the group's)."""
+    from cl.config import load_yaml
+
+    path = REPO / "configs" / name / "cpu.yaml"
+    if not path.is_file():
+        return None, []
+    data = load_yaml(path)
+    out: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            if prefix == "strategy.name":
+                return
+            out.append(f"{prefix}={node if isinstance(node, str) else json.dumps(node)}")
+
+    for sec in ("strategy", "data", "trainer", "fpf"):
+        if sec in data:
+            walk(sec, data[sec])
+    return str(path.relative_to(REPO)), out
+
+
+def plan(only: list[str] | None, groups: list[str]) -> list[Row]:
+    from cl.registry import STRATEGIES
+
+    names = sorted(STRATEGIES.names())
+    rows: list[Row] = []
+    for group in groups:
+        g = GROUPS[group]
+        for name in names:
+            in_group = name in BASELINES or (name in PRETRAINED) == (group == "vit")
+            if not in_group or (only and name not in only):
+                continue
+            preset, keys = (None, []) if name in BASELINES else preset_overrides(name)
+            if name in BASELINES:
+                keys = [f"{k}={v}" for k, v in g["defaults"].items()]
+            elif preset is None:  # the strategy's own defaults, with the group's epochs and batch size
+                keys = [f"{k}={v}" for k, v in g["defaults"].items() if k in ("strategy.epochs", "data.batch_size")]
+            keys = [f"strategy={name}", *keys, *BENCH_OVERRIDES.get(name, [])]
+            rows.append(Row(group, name, "cl", name, preset, keys))
+            for label, (base, extra) in VARIANTS.items():
+                if base == name and (not only or label in only):
+                    rows.append(Row(group, label, "cl", name, preset, keys + extra))
+        for kind in g["avalanche"]:
+            label = f"avalanche:{kind}"
+            if not only or label in only or "avalanche" in only:
+                rows.append(Row(group, label, "avalanche", kind))
+    return rows
+
+
+def group_backbone(group: str) -> list[str]:
+    keys = list(GROUPS[group]["backbone"])
+    if group == "vit" and not (REPO / VIT_CKPT).is_file():
+        keys = [k for k in keys if not k.startswith("backbone.checkpoint=")]  # until the checkpoint lands
+    return keys
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "-"
+
+
+# ------------------------------------------------------------------------------------------------ running
+def config_for(row: Row, seed: int, args: argparse.Namespace) -> Any:
+    from cl.config import build_config
+
+    keys = [*STREAMS[args.stream], *group_backbone(row.group), *COMMON]
+    if row.engine == "cl":
+        keys += row.overrides
+    else:  # the Avalanche references take the group's finetune settings
+        keys += ["strategy=finetune", *(f"{k}={v}" for k, v in GROUPS[row.group]["defaults"].items())]
+    if args.quick:
+        keys += [f"trainer.limit_train_batches={args.quick_batches}"]
+    keys += [f"seed={seed}"]
+    return build_config(None, keys)
+
+
+def cache_key(row: Row, cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["run"].pop("dir", None)
+    parts = [f"v{BENCH_VERSION}", row.engine, row.name, json.dumps(plain, sort_keys=True)]
+    if row.engine == "cl":
+        parts.append(file_digest(REPO / "strategies" / f"{row.strategy}.py"))
+    else:
+        parts += [json.dumps(AVALANCHE_KW[row.name.split(":")[1]], sort_keys=True),
+                  file_digest(REPO / "benchmarks" / "common.py")]
+    ckpt = plain.get("backbone", {}).get("checkpoint")
+    if ckpt:
+        parts.append(file_digest(REPO / ckpt))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def run_cl(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """One in-process ``cl`` run; parameters counted against the model as built (captured in build_strategy)."""
+    import torch
+
+    import cl.runner as runner_mod
+
+    cfg.run.dir = str(run_dir)
+    captured: dict[str, Any] = {}
+    original = runner_mod.build_strategy
+
+    def capture(c: Any, scenario: Any) -> Any:
+        model = original(c, scenario)
+        captured["init"] = {k: p.detach().clone() for k, p in model.named_parameters()}
+        return model
+
+    runner_mod.build_strategy = capture
+    try:
+        t0 = time.perf_counter()
+        runner = runner_mod.Runner(cfg)
+        res = runner.run()
+        wall = time.perf_counter() - t0
+    finally:
+        runner_mod.build_strategy = original
+    init = captured["init"]
+    final = dict(runner.model.named_parameters())
+    trainable = sum(p.numel() for k, p in final.items()
+                    if k not in init or init[k].shape != p.shape or not torch.equal(init[k], p.detach().cpu()))
+    added = sum(p.numel() for p in final.values()) - sum(p.numel() for p in init.values())
+    m = res.metrics
+    exps = m.get("experiences", [])
+    flops = None
+    if exps and "compute/cumulative_flops" in (exps[-1].get("extra") or {}):
+        flops = float(exps[-1]["extra"]["compute/cumulative_flops"])
+    return {"last_acc": m["last_acc"], "avg_inc_acc": m["avg_inc_acc"], "forgetting": m["forgetting"],
+            "accuracy_matrix": m["accuracy_matrix"], "wall_s": wall, "flops": flops,
+            "trainable_params": int(trainable), "added_params": int(added)}
+
+
+def run_avalanche_row(row: Row, cfg: Any) -> dict[str, Any]:
+    """An Avalanche reference with the group's finetune settings; quick mode keeps as many samples per experience
+    as ``trainer.limit_train_batches`` batches hold."""
+    import numpy as np
+
+    from benchmarks.common import build_model, count_params, run_avalanche
+    from cl.config import section
+    from cl.metrics.accuracy import AccuracyMatrix
+    from cl.runner import build_scenario
+    from cl.utils import seed_everything
+
+    seed_everything(cfg.seed)
+    scenario = build_scenario(cfg)
+    net = build_model(section(cfg, "backbone"), scenario)
+    kind = row.name.split(":")[1]
+    lim = cfg.trainer.limit_train_batches
+    train_limit = int(lim) * int(cfg.data.batch_size) if lim is not None and float(lim) >= 1 else None
+    out = run_avalanche(kind, net, scenario, epochs=int(cfg.strategy.epochs), batch_size=int(cfg.data.batch_size),
+                        lr=float(cfg.strategy.lr), momentum=float(cfg.strategy.momentum),
+                        eval_batch_size=int(cfg.data.eval_batch_size), train_limit=train_limit, **AVALANCHE_KW[kind])
+    am = AccuracyMatrix(len(scenario))
+    for i, accs in enumerate(out["accuracy_matrix"]):
+        totals = [len(e.test) for e in scenario.experiences[: i + 1]]
+        am.set_row(i, [int(round(a * t)) for a, t in zip(accs, totals)], totals)
+    s = am.summary()
+    matrix = [[None if np.isnan(v) else round(float(v), 6) for v in r] for r in am.matrix()]
+    return {"last_acc": s["last_acc"], "avg_inc_acc": s["avg_inc_acc"], "forgetting": s["forgetting"],
+            "accuracy_matrix": matrix, "wall_s": out["wall_s"], "flops": None,
+            "trainable_params": count_params(net, trainable=True), "added_params": 0}
+
+
+def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A cached run: reuse ``result.json`` when the key matches, else run and store it."""
+    try:
+        cfg = config_for(row, seed, args)
+    except Exception as err:  # noqa: BLE001 - e.g. a preset key the strategy no longer has
+        return {"group": row.group, "strategy": row.name, "seed": seed, "cached": False, "elapsed_s": 0.0,
+                "status": f"config error: {str(err).splitlines()[0][:200]}"}
+    key = cache_key(row, cfg)
+    folder = args.cache / row.group / row.name.replace(":", "_") / f"seed{seed}-{key}"
+    result_file = folder / "result.json"
+    if result_file.is_file() and not args.rerun:
+        return json.loads(result_file.read_text()) | {"cached": True}
+    if args.no_run:
+        return {"group": row.group, "strategy": row.name, "seed": seed, "cached": False, "elapsed_s": 0.0,
+                "status": "not run"}
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            res = run_cl(cfg, folder / "run") if row.engine == "cl" else run_avalanche_row(row, cfg)
+        res["status"] = "ok"
+    except Exception as err:  # noqa: BLE001 - a failing strategy is a row that says so, not a dead benchmark
+        res = {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        (folder / "error.txt").write_text(traceback.format_exc())
+    res.update({"group": row.group, "strategy": row.name, "seed": seed, "key": key, "preset": row.preset,
+                "stream": args.stream, "quick": bool(args.quick), "elapsed_s": time.perf_counter() - t0})
+    if res["status"] == "ok":
+        result_file.write_text(json.dumps(res, indent=1) + "\n")
+    return res | {"cached": False}
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def mean_std(values: list[float | None], scale: float = 1.0, digits: int = 1) -> str:
+    vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}" if abs(n) < 10 * div else f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+def aggregate(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, Any]]:
+    table = []
+    for row in rows:
+        rs = [r for r in results if r["group"] == row.group and r["strategy"] == row.name]
+        ok = [r for r in rs if r.get("status") == "ok"]
+        entry: dict[str, Any] = {"group": row.group, "strategy": row.name, "runs": ok,
+                                 "failed": [r["status"] for r in rs if r.get("status") != "ok"]}
+        if ok:
+            flops = [r["flops"] for r in ok if r.get("flops") is not None]
+            entry.update({
+                "last acc %": mean_std([r["last_acc"] for r in ok], 100),
+                "avg inc acc %": mean_std([r["avg_inc_acc"] for r in ok], 100),
+                "forgetting %": mean_std([r["forgetting"] for r in ok], 100),
+                "wall s": mean_std([r["wall_s"] for r in ok], 1, 0),
+                "train GFLOPs": mean_std([f / 1e9 for f in flops], 1, 0) if flops else "–",
+                "trainable params": human(ok[0]["trainable_params"]),
+                "added params": human(ok[0]["added_params"]),
+                "seeds": ",".join(str(r["seed"]) for r in ok),
+            })
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace, elapsed: float) -> str:
+    lines = [MARK_START, "", f"Made by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{os.cpu_count()} CPU cores, {elapsed / 60:.1f} min including cached runs' original time"
+             f"{'; QUICK mode: not a result' if args.quick else ''}). Stream `{args.stream}`: "
+             f"`{' '.join(STREAMS[args.stream])}`.", ""]
+    for group in dict.fromkeys(e["group"] for e in table):
+        lines += [f"**{group}**: {GROUPS[group]['title']} (`{' '.join(group_backbone(group))}`)", "",
+                  "| " + " | ".join(COLUMNS[1:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+        for e in (e for e in table if e["group"] == group):
+            if not e["runs"]:
+                lines.append(f"| {e['strategy']} | " + " | ".join(["–"] * (len(COLUMNS) - 3))
+                             + f" | failed: {'; '.join(e['failed'])[:120] or 'not run'} |")
+                continue
+            lines.append("| " + " | ".join(str(e[c]) for c in COLUMNS[1:]) + " |")
+        lines.append("")
+    lines += [f"![proxy benchmark]({PLOT.relative_to(README.parent).as_posix()})", "", MARK_END]
+    return "\n".join(lines)
+
+
+def write_readme(block: str) -> None:
+    text = README.read_text() if README.is_file() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        _, tail = rest.split(MARK_END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n## Proxy benchmark: the table\n\n" + block + "\n"
+    README.write_text(text)
+
+
+def plot(table: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    entries = [e for e in table if e["runs"]]
+    if not entries:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = {"vit": "tab:blue", "scratch": "tab:orange"}
+    labels = [f"{e['strategy']}\n({e['group']})" for e in entries]
+    means = [100 * np.mean([r["last_acc"] for r in e["runs"]]) for e in entries]
+    stds = [100 * np.std([r["last_acc"] for r in e["runs"]]) for e in entries]
+    ax1.bar(range(len(entries)), means, yerr=stds, color=[colors.get(e["group"], "grey") for e in entries],
+            capsize=3)
+    ax1.set_xticks(range(len(entries)), labels, rotation=60, fontsize=7)
+    ax1.set_ylabel("last accuracy over all seen classes (%)")
+    ax1.set_title("last accuracy (mean ± std over seeds)")
+    for e in entries:
+        rows = [r["accuracy_matrix"] for r in e["runs"]]
+        curve = []
+        for i in range(len(rows[0])):
+            vals = [np.nanmean([v for v in m[i][: i + 1] if v is not None]) for m in rows]
+            curve.append(100 * float(np.mean(vals)))
+        ax2.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=f"{e['strategy']} ({e['group']})",
+                 linestyle="-" if e["group"] == "vit" else "--")
+    ax2.set_xlabel("experiences trained")
+    ax2.set_ylabel("mean accuracy over seen experiences (%)")
+    ax2.set_title("accuracy along the stream")
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", default=None, help="row names (strategy names, avalanche:naive, avalanche)")
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--stream", default="proxy", choices=list(STREAMS))
+    p.add_argument("--quick", action="store_true", help="one seed, --quick-batches training batches per epoch")
+    p.add_argument("--quick-batches", type=int, default=3)
+    p.add_argument("--rerun", action="store_true", help="ignore cached results")
+    p.add_argument("--no-run", action="store_true", help="only tabulate runs already in the cache")
+    p.add_argument("--cache", type=Path, default=CACHE, help="cache folder (default benchmarks/proxy/cache)")
+    p.add_argument("--no-readme", action="store_true", help="print the table instead of writing the README")
+    p.add_argument("--readme", type=Path, default=None, help="write the table into this file instead")
+    p.add_argument("--plot", type=Path, default=None, help="plot path (default benchmarks/proxy/proxy_fmnist.png)")
+    p.add_argument("--list", action="store_true", help="print the planned rows and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+
+    import torch
+
+    from cl.runner import quiet_lightning
+
+    torch.set_num_threads(int(os.environ.get("CL_BENCH_THREADS", torch.get_num_threads())))
+    quiet_lightning()
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    rows = plan(args.only, args.groups)
+    if args.list:
+        for r in rows:
+            print(f"{r.group:8s} {r.name:18s} {r.engine:9s} preset={r.preset} {' '.join(r.overrides)}")
+        return []
+    t_start = time.perf_counter()
+    results = []
+    for seed in args.seeds:  # seed-major: a cut-short run still has one complete seed of every row
+        for row in rows:
+            res = run_one(row, seed, args)
+            results.append(res)
+            tag = "cached" if res["cached"] else f"{res['elapsed_s']:.1f} s"
+            acc = f"last_acc {100 * res['last_acc']:.1f}" if res.get("status") == "ok" else res["status"]
+            print(f"[{time.strftime('%H:%M:%S')}] {row.group:8s} {row.name:18s} seed {seed}: {acc} ({tag})",
+                  flush=True)
+    elapsed = sum(r.get("elapsed_s", 0.0) for r in results)
+    table = aggregate(results, rows)
+    cmd = "python benchmarks/proxy/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    global PLOT, README
+    if args.plot:
+        PLOT = args.plot.resolve()
+    if args.readme:
+        README = args.readme.resolve()
+    block = markdown(table, cmd.strip(), args, elapsed)
+    if args.no_readme:
+        print(block)
+    else:
+        write_readme(block)
+    plot(table, PLOT)
+    print(f"wall {time.perf_counter() - t_start:.0f} s; table -> {README if not args.no_readme else 'stdout'}, "
+          f"plot -> {PLOT}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
