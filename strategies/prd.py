@@ -210,7 +210,7 @@ class PRD(CLStrategy):
     input_convention = "pm1"
     fpf_refusal = ("PRD is replay-free (it stores no samples) and predicts with prototypes trained by a cosine loss; "
                    "FPF fine-tunes on a replay buffer with cross-entropy")
-    contract_overrides = ["backbone=resnet18_cifar", "backbone.nf=4", "scenario.image_size=16",
+    contract_overrides = ["backbone=resnet18_cifar", "backbone.nf=2", "scenario.image_size=8",
                           "strategy.epochs=1", "strategy.warmup_epochs=0", "strategy.proj_hidden=16",
                           "strategy.proj_dim=8"]
     # BatchNorm statistics are per rank on CPU (torch's SyncBatchNorm needs a GPU): a 2-process run normalises
