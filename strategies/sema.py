@@ -233,7 +233,7 @@ class SEMA(CLStrategy):
             expandable.add(int(i) % depth)
         backbone.requires_grad_(False)
         mixtures = inject_mixtures(backbone, cfg.adapter_dim, expandable, cfg.rd_dim, cfg.window, cfg.eps)
-        self.mixtures = mixtures  # plain list: the modules are registered under backbone.blocks.N.mlp.mixture
+        self.mixtures = mixtures  # plain list: the modules live at backbone.blocks.N.mlp.pet_modules.sema
         self.expandable = sorted(expandable)
         # one full-size classifier for the whole stream; logits are sliced to the seen classes
         self.classifier = nn.Linear(backbone.num_features, n_classes)
