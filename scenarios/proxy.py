@@ -107,6 +107,8 @@ class ProxyFMNIST(ScenarioBuilder):
         image_size: int = opt(32, "images are resized to this size (32 = the pre-trained ViT's size)", ge=8)
         train_per_class: int = opt(500, "training images per class taken from the STREAM half (max 3000)", ge=1)
         shift: str = opt("digits", "last, shifted experience: digits | fmnist_inverted | none", choices=SHIFTS)
+        test_per_class: int | None = opt(None, "cap on official test images per class (null = all 1000; quick runs)",
+                                         ge=1)
 
     def build(self, cfg: Config, data: DataConfig) -> Scenario:
         if cfg.train_per_class > 3000:
@@ -117,6 +119,11 @@ class ProxyFMNIST(ScenarioBuilder):
         per_class = [stream[train.targets[stream] == c] for c in range(10)]
         keep = np.sort(np.concatenate([p[: cfg.train_per_class] for p in per_class]))
         tr_img, tr_lab = [train.images[keep]], [train.targets[keep]]
+        if cfg.test_per_class:  # a fixed, class-balanced subset of the official test set (same for every run)
+            rng = np.random.default_rng(PROXY_SPLIT_SEED + 1)
+            sub = np.sort(np.concatenate([rng.permutation(np.flatnonzero(test.targets == c))[: cfg.test_per_class]
+                                          for c in range(10)]))
+            test = TensorSource(test.images[sub], test.targets[sub])
         te_img, te_lab = [test.images], [test.targets]
         if cfg.shift == "digits":
             a, b, c, d = _digits_shift(28)

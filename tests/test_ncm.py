@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
 
 from cl.config import build_config
 from cl.data.loaders import make_loader
 from cl.runner import Runner, build_scenario, build_strategy
+from conftest import TINY
 from strategies.ncm import accumulate
 
 CKPT = Path(__file__).resolve().parents[1] / "assets" / "backbones" / "vit_p4_w64_d4_fmnist.pt"
@@ -94,12 +94,12 @@ def test_ncm_regrow_restores_buffer_shapes():
 @pytest.mark.skipif(not CKPT.is_file(), reason="committed pre-trained ViT checkpoint missing")
 def test_ncm_on_pretrained_vit_beats_finetune_on_proxy_stream(tmp_path):
     common = ["scenario=proxy_fmnist", "scenario.n_experiences=2", "scenario.shift=none",
-              "scenario.train_per_class=100", "backbone=vit_p4_w64_d4", f"backbone.checkpoint={CKPT}",
-              "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
-              "run.checkpoint=false", "data.eval_batch_size=500"]
+              "scenario.train_per_class=100", "scenario.test_per_class=200", "backbone=vit_p4_w64_d4",
+              f"backbone.checkpoint={CKPT}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+              "trainer.logger=none", "run.checkpoint=false", "data.eval_batch_size=500"]
     ncm = Runner(build_config(None, ["strategy=ncm", *common, f"run.dir={tmp_path / 'ncm'}"])).run()
     ft = Runner(build_config(None, ["strategy=finetune", "strategy.epochs=1", "strategy.lr=0.01", *common,
                                     f"run.dir={tmp_path / 'ft'}"])).run()
-    # measured: ncm last_acc ~0.76, finetune ~0.45 (it forgets the first five classes)
+    print(f"ncm last_acc {ncm['last_acc']:.4f}, finetune last_acc {ft['last_acc']:.4f}")
     assert ncm["last_acc"] > 0.65
     assert ncm["last_acc"] > ft["last_acc"] + 0.15, (ncm["last_acc"], ft["last_acc"])
