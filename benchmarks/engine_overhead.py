@@ -56,7 +56,7 @@ def worker(engine: str, model: str, args: argparse.Namespace) -> dict:
         import avalanche.training  # noqa: F401  (import outside the timed region, as for the others)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(None, overrides(model, args) + [f"run.dir={tmp}/run"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if engine == "ours":
             res = train(cfg)
             matrix = res.accuracy_matrix
@@ -68,9 +68,13 @@ def worker(engine: str, model: str, args: argparse.Namespace) -> dict:
             out = (plain_loop(net, scenario, seed=args.seed, **kw) if engine == "plain"
                    else run_avalanche("naive", net, scenario, **kw))
             matrix = out["accuracy_matrix"]
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     last = [v for v in matrix[-1] if v is not None]
-    return {"engine": engine, "model": model, "wall_s": wall, "last_acc": sum(last) / len(last)}
+    return {"engine": engine, "model": model, "wall_s": wall, "cpu_s": cpu, "last_acc": sum(last) / len(last)}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "-"
 
 
 def main() -> None:
@@ -108,21 +112,24 @@ def main() -> None:
                     sys.exit(f"{engine}/{model} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(line[7:]) | {"rep": rep, "load1_before": load}
                 runs.append(r)
-                print(f"rep {rep} {model:4s} {engine:9s} {r['wall_s']:7.2f} s  last_acc {r['last_acc']:.3f}  "
+                print(f"rep {rep} {model:4s} {engine:9s} {r['wall_s']:7.2f} s (cpu {r['cpu_s']:7.2f} s)  "
+                      f"last_acc {r['last_acc']:.3f}  "
                       f"load {load:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1) + "\n")
-    print("\n| model | engine | wall s (median, min-max) | ratio to plain (median, min-max) | last acc |")
-    print("|---|---|---|---|---|")
+    print("\n| model | engine | wall s (median, min-max) | wall ratio to plain (median, min-max) "
+          "| CPU-time ratio to plain (median, min-max) | last acc |")
+    print("|---|---|---|---|---|---|")
     for model in args.models:
         base = {r["rep"]: r["wall_s"] for r in runs if r["model"] == model and r["engine"] == "plain"}
+        base_cpu = {r["rep"]: r["cpu_s"] for r in runs if r["model"] == model and r["engine"] == "plain"}
         for engine in args.engines:
             rs = [r for r in runs if r["model"] == model and r["engine"] == engine]
             walls = [r["wall_s"] for r in rs]
             ratios = [r["wall_s"] / base[r["rep"]] for r in rs if r["rep"] in base]
-            rat = (f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "-")
+            cratios = [r["cpu_s"] / base_cpu[r["rep"]] for r in rs if r["rep"] in base_cpu]
             print(f"| {model} | {engine} | {statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
-                  f"{rat} | {statistics.median(r['last_acc'] for r in rs):.3f} |")
+                  f"{spread(ratios)} | {spread(cratios)} | {statistics.median(r['last_acc'] for r in rs):.3f} |")
 
 
 if __name__ == "__main__":

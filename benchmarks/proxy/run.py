@@ -52,10 +52,14 @@ MARK_START, MARK_END = "<!-- proxy-table:start -->", "<!-- proxy-table:end -->"
 #: the streams rows run on; ``digits`` is a seconds-long stand-in for tests
 STREAMS: dict[str, list[str]] = {
     "proxy": ["scenario=proxy_fmnist", "scenario.n_experiences=5", "scenario.image_size=32",
-              "scenario.train_per_class=500", "scenario.shift=digits"],
+              "scenario.train_per_class=200", "scenario.shift=digits"],
+    "tiny": ["scenario=split_digits", "scenario.n_experiences=2", "scenario.image_size=32"],
     "digits": ["scenario=split_digits", "scenario.n_experiences=5", "scenario.image_size=32",
                "scenario.invert_last=true"],
 }
+
+#: test images kept per class (the first ones of each class in the official test set), per stream; None = all
+TEST_PER_CLASS: dict[str, int | None] = {"proxy": 300, "tiny": None, "digits": None}
 
 #: per backbone group: the backbone, and the keys of baselines / strategies without a preset (also used to set
 #: the Avalanche references' epochs, batch size and learning rate)
@@ -189,7 +193,8 @@ def cache_key(row: Row, cfg: Any) -> str:
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["run"].pop("dir", None)
-    parts = [f"v{BENCH_VERSION}", row.engine, row.name, json.dumps(plain, sort_keys=True)]
+    parts = [f"v{BENCH_VERSION}", row.engine, row.name, json.dumps(plain, sort_keys=True),
+             f"test_per_class={TEST_PER_CLASS.get(str(plain['scenario']['name']))}"]
     if row.engine == "cl":
         parts.append(file_digest(REPO / "strategies" / f"{row.strategy}.py"))
     else:
@@ -199,6 +204,35 @@ def cache_key(row: Row, cfg: Any) -> str:
     if ckpt:
         parts.append(file_digest(REPO / ckpt))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def subsample_test(scenario: Any, per_class: int | None) -> Any:
+    """Keep the first ``per_class`` test images of every class (in the test view's order) in each experience."""
+    import numpy as np
+
+    from scenarios.base import ExperienceData
+
+    if per_class is None:
+        return scenario
+    for exp in scenario.experiences:
+        t = exp.test
+        targets = np.asarray(t.targets)
+        keep = np.sort(np.concatenate([np.flatnonzero(targets == c)[:per_class] for c in np.unique(targets)]))
+        exp.test = ExperienceData(t.source, np.asarray(t.indices)[keep], targets[keep])
+    return scenario
+
+
+@contextlib.contextmanager
+def eval_subset(per_class: int | None) -> Any:
+    """Patch ``cl.runner.build_scenario`` so runs evaluate on a fixed per-class subset of the test set."""
+    import cl.runner as runner_mod
+
+    original = runner_mod.build_scenario
+    runner_mod.build_scenario = lambda cfg: subsample_test(original(cfg), per_class)
+    try:
+        yield
+    finally:
+        runner_mod.build_scenario = original
 
 
 def run_cl(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -244,14 +278,14 @@ def run_avalanche_row(row: Row, cfg: Any) -> dict[str, Any]:
     as ``trainer.limit_train_batches`` batches hold."""
     import numpy as np
 
+    import cl.runner as runner_mod
     from benchmarks.common import build_model, count_params, run_avalanche
     from cl.config import section
     from cl.metrics.accuracy import AccuracyMatrix
-    from cl.runner import build_scenario
     from cl.utils import seed_everything
 
     seed_everything(cfg.seed)
-    scenario = build_scenario(cfg)
+    scenario = runner_mod.build_scenario(cfg)
     net = build_model(section(cfg, "backbone"), scenario)
     kind = row.name.split(":")[1]
     lim = cfg.trainer.limit_train_batches
@@ -289,7 +323,7 @@ def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), eval_subset(TEST_PER_CLASS.get(args.stream)):
             res = run_cl(cfg, folder / "run") if row.engine == "cl" else run_avalanche_row(row, cfg)
         res["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - a failing strategy is a row that says so, not a dead benchmark
@@ -350,7 +384,8 @@ def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace
     lines = [MARK_START, "", f"Made by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} CPU cores, {elapsed / 60:.1f} min including cached runs' original time"
              f"{'; QUICK mode: not a result' if args.quick else ''}). Stream `{args.stream}`: "
-             f"`{' '.join(STREAMS[args.stream])}`.", ""]
+             f"`{' '.join(STREAMS[args.stream])}`, test images per class: "
+             f"{TEST_PER_CLASS.get(args.stream) or 'all'}.", ""]
     for group in dict.fromkeys(e["group"] for e in table):
         lines += [f"**{group}**: {GROUPS[group]['title']} (`{' '.join(group_backbone(group))}`)", "",
                   "| " + " | ".join(COLUMNS[1:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
@@ -361,7 +396,7 @@ def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace
                 continue
             lines.append("| " + " | ".join(str(e[c]) for c in COLUMNS[1:]) + " |")
         lines.append("")
-    lines += [f"![proxy benchmark]({PLOT.relative_to(README.parent).as_posix()})", "", MARK_END]
+    lines += [f"![proxy benchmark]({Path(os.path.relpath(PLOT, README.parent)).as_posix()})", "", MARK_END]
     return "\n".join(lines)
 
 

@@ -1,0 +1,76 @@
+"""The proxy benchmark end to end in its reduced form (one seed, 3 batches per epoch, a 2-experience digits stream):
+two ``cl`` strategies on a from-scratch ResNet, ``ncm`` on the pre-trained ViT and Avalanche's ``Naive``; the table
+has the promised columns, the plot is written, and a second call is served from the cache."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks.proxy import run as bench
+
+
+@pytest.fixture
+def small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a narrower ResNet than the real table's, so the test stays in budget
+    scratch = dict(bench.GROUPS["scratch"], backbone=["backbone=resnet18_cifar", "backbone.nf=4"])
+    monkeypatch.setattr(bench, "GROUPS", dict(bench.GROUPS, scratch=scratch))
+
+
+@pytest.mark.slow
+def test_proxy_benchmark_quick_end_to_end(tmp_path: Path, small_groups: None) -> None:
+    readme, png, cache = tmp_path / "README.md", tmp_path / "plot.png", tmp_path / "cache"
+    readme.write_text("# Benchmarks\n\nintro\n")
+    argv = ["--quick", "--stream", "tiny", "--only", "finetune", "er", "ncm", "avalanche:naive",
+            "--cache", str(cache), "--readme", str(readme), "--plot", str(png)]
+    table = bench.main(argv)
+
+    rows = {(e["group"], e["strategy"]): e for e in table}
+    assert set(rows) == {("vit", "finetune"), ("vit", "ncm"), ("scratch", "finetune"), ("scratch", "er"),
+                         ("scratch", "avalanche:naive")}
+    for e in table:
+        assert len(e["runs"]) == 1, (e["strategy"], e["failed"])  # quick = one seed, and nothing failed
+        run = e["runs"][0]
+        assert 0.0 <= run["last_acc"] <= 1.0 and len(run["accuracy_matrix"]) == 2
+        assert not run["cached"]
+    # ncm trains nothing; finetune trains every backbone parameter plus its heads
+    assert rows[("vit", "ncm")]["runs"][0]["trainable_params"] == 0
+    ft = rows[("scratch", "finetune")]["runs"][0]
+    assert ft["trainable_params"] > 0 and ft["added_params"] > 0
+    assert rows[("scratch", "avalanche:naive")]["runs"][0]["added_params"] == 0
+    # quick mode really limited the training batches (recorded in the run's resolved config)
+    cfgs = list(cache.glob("scratch/finetune/*/run/config.yaml"))
+    assert len(cfgs) == 1 and "limit_train_batches: 3" in cfgs[0].read_text()
+
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    header = "| " + " | ".join(bench.COLUMNS[1:]) + " |"
+    assert text.count(header) == 2  # one table per backbone group
+    for name in ("finetune", "er", "ncm", "avalanche:naive"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(bench.COLUMNS) - 1
+        assert re.fullmatch(r"\d+\.\d", cells[1]), line  # last acc %, one seed: no ± part
+    assert "QUICK mode" in text and "python benchmarks/proxy/run.py --quick" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the second call reruns nothing and rewrites the table in place
+    again = bench.main(argv)
+    assert all(r["cached"] for e in again for r in e["runs"])
+    assert [r["last_acc"] for e in again for r in e["runs"]] == [r["last_acc"] for e in table for r in e["runs"]]
+    assert readme.read_text().count(bench.MARK_START) == 1
+
+
+def test_plan_groups_every_registered_strategy() -> None:
+    from cl.registry import STRATEGIES
+
+    rows = bench.plan(None, list(bench.GROUPS))
+    cl_rows = {r.strategy for r in rows if r.engine == "cl"}
+    assert cl_rows == set(STRATEGIES.names())
+    for r in rows:
+        if r.strategy in bench.PRETRAINED:
+            assert r.group == "vit"
+    assert {r.name for r in rows if r.engine == "avalanche"} == {"avalanche:naive", "avalanche:ewc", "avalanche:lwf"}
+    assert {r.group for r in rows if r.name == "joint"} == {"vit", "scratch"}
