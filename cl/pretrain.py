@@ -54,14 +54,14 @@ class PretrainConfig:
 
     source: str = opt("fmnist_half", "pre-training data: fmnist_half (the SOURCE half of Fashion-MNIST's train set)",
                       choices=("fmnist_half",))
-    n_images: int | None = opt(30000, "class-balanced subset of the source (null = all 30,000)", ge=10)
+    n_images: int | None = opt(20000, "class-balanced subset of the source (null = all 30,000)", ge=10)
     image_size: int = opt(32, "input size (must match scenario.image_size when the backbone is used)", ge=8)
-    epochs: int = opt(4, "passes over the source images", ge=1)
-    lr: float = opt(1e-3, "AdamW peak learning rate", gt=0)
+    epochs: int = opt(3, "passes over the source images", ge=1)
+    lr: float = opt(2e-3, "AdamW peak learning rate", gt=0)
     weight_decay: float = opt(0.05, "AdamW weight decay", ge=0)
     warmup_steps: int = opt(100, "linear warm-up steps before the cosine decay", ge=0)
-    label_smoothing: float = opt(0.1, "cross-entropy label smoothing", ge=0)
-    augment: bool = opt(True, "random crop (pad image_size/8) on the training images")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing", ge=0)
+    augment: bool = opt(False, "random crop (pad image_size/8) on the training images")
     input_norm: str = opt("mixed", "input convention: normalized | unit | mixed (random per image, serves both)",
                           choices=("normalized", "unit", "mixed"))
     eval_images: int = opt(2000, "images used to measure source and held-out (STREAM half) accuracy", ge=10)
