@@ -70,12 +70,19 @@ def _print_table(shown: pd.DataFrame, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if shown["scenario"].nunique() <= 1:  # said in the title instead
+        title += f" on {shown['scenario'].iloc[0]}" if len(shown) else ""
+        shown = shown.drop(columns=["scenario"])
     t = Table(title=title)
     for col in shown.columns:
-        t.add_column(col, justify="left" if col in ("group", "scenario", "seeds") else "right")
+        left = col in ("group", "scenario", "seeds")
+        t.add_column(col, justify="left" if left else "right", no_wrap=not left, overflow="fold")
     for _, r in shown.iterrows():
         t.add_row(*[str(v) for v in r.tolist()])
-    Console(width=max(120, Console().width)).print(t)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(t)
 
 
 def _markdown_table(df: pd.DataFrame) -> str:

@@ -139,9 +139,56 @@ class RunResults:
                 for name, accs in (e.get("passes") or {}).items() for j, a in enumerate(accs)]
         return pd.DataFrame(rows, columns=["trained", "pass", "evaluated", "acc"])
 
+    def pass_names(self) -> list[str]:
+        """Evaluation passes (``main`` first), e.g. SLCA's ``unaligned``, LAE's ``online``/``offline``."""
+        names = {n: None for e in self.metrics.get("experiences", []) for n in (e.get("passes") or {})}
+        return sorted(names, key=lambda n: (n != "main", n))
+
+    def pass_matrix(self, name: str = "main") -> pd.DataFrame:
+        """The accuracy matrix of one evaluation pass (the ``main`` one equals :meth:`matrix`)."""
+        if name not in self.pass_names():
+            raise UserError(f"run '{self.run_dir}' has no evaluation pass '{name}' (it has {self.pass_names()})")
+        exps = self.metrics.get("experiences", [])
+        n = max([self.n_experiences] + [len((e.get("passes") or {}).get(name, [])) for e in exps])
+        r = np.full((len(exps), n), np.nan)
+        for i, e in enumerate(exps):
+            accs = (e.get("passes") or {}).get(name, [])
+            r[i, : len(accs)] = [_num(a) for a in accs]
+        return pd.DataFrame(r, index=pd.Index([f"after exp{i}" for i in range(len(exps))], name="trained"),
+                            columns=pd.Index([f"exp{j}" for j in range(n)], name="evaluated"))
+
+    def seen_acc_by_pass(self) -> pd.DataFrame:
+        """Accuracy over all seen experiences after each experience, one column per evaluation pass."""
+        rows = [{"pass": name, "trained": e.get("index", i), "acc": _num(acc)}
+                for i, e in enumerate(self.metrics.get("experiences", []))
+                for name, acc in (e.get("passes_seen_acc") or {}).items()]
+        if not rows:
+            return pd.DataFrame()
+        df = pd.DataFrame(rows).pivot(index="trained", columns="pass", values="acc")
+        return df[[n for n in self.pass_names() if n in df.columns]]
+
     def extra(self, key: str) -> list[Any]:
         """The values one ``ctx.record`` key took per experience (``None`` where an experience lacks it)."""
         return [(e.get("extra") or {}).get(key) for e in self.metrics.get("experiences", [])]
+
+    def extra_frame(self, key: str, prefix: str = "") -> pd.DataFrame:
+        """One recorded key per experience as a table; list values become columns ``<prefix>0, <prefix>1, ...``.
+
+        For example SEMA's ``sema/adapters_per_block`` gives experiences × blocks, PRD's ``prd/proto_norms``
+        experiences × prototypes.
+        """
+        values = self.extra(key)
+        if all(v is None for v in values):
+            raise UserError(f"run '{self.run_dir}' recorded no '{key}' (recorded keys: {self.extra_keys()})")
+        rows = [dict(enumerate(v)) if isinstance(v, (list, tuple)) else {0: v} for v in values]
+        df = pd.DataFrame(rows, index=pd.Index(range(len(values)), name="experience"))
+        df.columns = [f"{prefix}{c}" for c in df.columns] if prefix else (
+            df.columns if len(df.columns) > 1 else [key])
+        return df
+
+    def extra_keys(self) -> list[str]:
+        """Every key the run recorded with ``ctx.record`` (in ``experiences[i].extra``)."""
+        return sorted({k for e in self.metrics.get("experiences", []) for k in (e.get("extra") or {})})
 
     # ------------------------------------------------------------------------------------------- costs
     def train_time_s(self) -> float:
