@@ -299,7 +299,7 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if (p / "metrics.json").exists() or (p / "config.yaml").is_file():
             found.append(p)
             continue
-        below = sorted(m.parent for m in p.rglob("metrics.json") if "eval" not in m.relative_to(p).parts[:-1])
+        below = sorted(m.parent for m in p.rglob("metrics.json") if not _is_eval_output(m))
         if not below:
             raise UserError(f"no run directory (with metrics.json) in '{p}'")
         found.extend(below)
@@ -309,6 +309,18 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
             seen.add(p.resolve())
             out.append(p)
     return out
+
+
+def _is_eval_output(path: Path) -> bool:
+    """``cl eval`` writes metrics.json files too (``RUN_DIR/eval/<scenario>/``); they are not runs."""
+    if path.parent.parent.name == "eval" and (path.parent.parent.parent / "metrics.json").is_file():
+        return True
+    try:
+        with path.open() as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return '"kind": "eval"' in head
 
 
 @dataclass

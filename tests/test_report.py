@@ -61,6 +61,9 @@ def runs(tmp_path: Path) -> Path:
 
 
 def test_compare_groups_seeds_with_mean_and_std(runs: Path) -> None:
+    ev = runs / "split_digits" / "slca" / "seed0" / "eval" / "other"  # `cl eval` output: not a run
+    ev.mkdir(parents=True)
+    (ev / "metrics.json").write_text(json.dumps({"kind": "eval", "accuracy_matrix": [[0.1, 0.2]]}))
     loaded = [load_run(d) for d in find_runs([runs])]
     assert len(loaded) == 3
     groups = group_runs(loaded)
