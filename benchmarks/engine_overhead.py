@@ -54,6 +54,13 @@ def worker(engine: str, model: str, args: argparse.Namespace) -> dict:
     quiet_lightning()
     if engine == "avalanche":
         import avalanche.training  # noqa: F401  (import outside the timed region, as for the others)
+    if args.test_per_class:  # every engine evaluates on the same per-class subset of the test set
+        import cl.runner as runner_mod
+        from benchmarks.proxy.run import subsample_test
+
+        original = runner_mod.build_scenario
+        runner_mod.build_scenario = lambda c: subsample_test(original(c), args.test_per_class)
+        build_scenario = runner_mod.build_scenario
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(None, overrides(model, args) + [f"run.dir={tmp}/run"])
         t0, c0 = time.perf_counter(), time.process_time()
@@ -86,6 +93,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--train-per-class", type=int, default=0, help="0 = all 6,000 training images per class")
+    p.add_argument("--test-per-class", type=int, default=0, help="0 = all 1,000 test images per class")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every run here")
@@ -96,7 +104,8 @@ def main() -> None:
         return
 
     passthrough = [f"--epochs={args.epochs}", f"--batch-size={args.batch_size}", f"--lr={args.lr}",
-                   f"--train-per-class={args.train_per_class}", f"--threads={args.threads}", f"--seed={args.seed}"]
+                   f"--train-per-class={args.train_per_class}",
+                   f"--test-per-class={args.test_per_class}", f"--threads={args.threads}", f"--seed={args.seed}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     runs: list[dict] = []
     for rep in range(args.repeats):
