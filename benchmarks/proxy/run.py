@@ -91,6 +91,9 @@ BENCH_OVERRIDES: dict[str, list[str]] = {
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "prd[lambda_d=0]": ("prd", ["strategy.lambda_d=0"]),
 }
+#: rows the claims need run first (a run cut short by the deadline still has them)
+FIRST = ["vit/finetune", "vit/slca", "vit/lae", "vit/sema", "vit/ncm", "scratch/er", "scratch/kfpf", "scratch/prd",
+         "scratch/prd[lambda_d=0]", "scratch/finetune"]
 COMMON = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
           "trainer.logger=none", "run.checkpoint=false", "run.overwrite=true"]
 
@@ -483,8 +486,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     t_start = time.perf_counter()
     results = []
+    order = sorted(rows, key=lambda r: FIRST.index(f"{r.group}/{r.name}") if f"{r.group}/{r.name}" in FIRST
+                   else len(FIRST))
     for seed in args.seeds:  # seed-major: a cut-short run still has one complete seed of every row
-        for row in rows:
+        for row in order:
             res = run_one(row, seed, args)
             results.append(res)
             tag = "cached" if res["cached"] else f"{res['elapsed_s']:.1f} s"

@@ -1,0 +1,196 @@
+"""The papers' qualitative claims checked against the cached proxy-benchmark runs; writes them into the README.
+
+Reads the same cache as ``run.py`` (the runs of the current configs only) and each run's ``metrics.json``
+(``experiences[i].passes_seen_acc`` for SLCA's aligned/unaligned and LAE's online/offline/ensemble predictors,
+``experiences[i].extra`` for SEMA's adapters and the FLOPs).
+
+    python benchmarks/proxy/claims.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.proxy import run as bench  # noqa: E402
+
+MARK_START, MARK_END = "<!-- claims:start -->", "<!-- claims:end -->"
+
+
+def load_runs(args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(group, row) -> [result.json + metrics.json] for every cached seed of the current configs."""
+    ns = argparse.Namespace(stream=args.stream, quick=False, quick_batches=3)
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in bench.plan(None, list(bench.GROUPS)):
+        for seed in args.seeds:
+            try:
+                cfg = bench.config_for(row, seed, ns)
+            except Exception:  # noqa: BLE001
+                continue
+            folder = args.cache / row.group / row.name.replace(":", "_") / f"seed{seed}-{bench.cache_key(row, cfg)}"
+            if not (folder / "result.json").is_file():
+                continue
+            res = json.loads((folder / "result.json").read_text())
+            metrics = folder / "run" / "metrics.json"
+            res["metrics"] = json.loads(metrics.read_text()) if metrics.is_file() else {}
+            out.setdefault((row.group, row.name), []).append(res)
+    return out
+
+
+def ms(values: list[float], scale: float = 100.0) -> str:
+    vals = [v * scale for v in values]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def final_pass(run: dict[str, Any], name: str) -> float | None:
+    exps = run["metrics"].get("experiences", [])
+    return exps[-1].get("passes_seen_acc", {}).get(name) if exps else None
+
+
+def n_seeds(runs: list[dict[str, Any]]) -> str:
+    return f"{len(runs)} seed{'s' if len(runs) != 1 else ''}"
+
+
+def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    lines: list[str] = []
+    get = runs.get
+
+    def last(key: tuple[str, str]) -> list[float]:
+        return [r["last_acc"] for r in get(key, [])]
+
+    # SLCA
+    slca, ft = get(("vit", "slca"), []), get(("vit", "finetune"), [])
+    if slca and ft:
+        a, b = statistics.mean(last(("vit", "slca"))), statistics.mean(last(("vit", "finetune")))
+        lines.append(f"* **SLCA above sequential fine-tuning: {'held' if a > b else 'did not hold'}.** Last accuracy "
+                     f"{ms(last(('vit', 'slca')))} % vs {ms(last(('vit', 'finetune')))} % for `finetune` on the same "
+                     f"pre-trained ViT ({n_seeds(slca)}).")
+        al = [final_pass(r, "main") for r in slca]
+        un = [final_pass(r, "unaligned") for r in slca]
+        if all(v is not None for v in al + un):
+            gain = statistics.mean(al) - statistics.mean(un)
+            extra = slca[0]["metrics"]["experiences"][-1].get("extra", {})
+            lines.append(f"* **SLCA's classifier alignment helps: {'held' if gain > 0 else 'did not hold'}.** Final "
+                         f"accuracy with the aligned classifier {ms(al)} % vs {ms(un)} % with the classifier as "
+                         f"trained (pass `unaligned`), {100 * gain:+.1f} points; seed {slca[0]['seed']}: old classes "
+                         f"{100 * extra.get('acc_old', float('nan')):.1f} vs "
+                         f"{100 * extra.get('acc_old_unaligned', float('nan')):.1f} %, new classes "
+                         f"{100 * extra.get('acc_new', float('nan')):.1f} vs "
+                         f"{100 * extra.get('acc_new_unaligned', float('nan')):.1f} %.")
+    else:
+        lines.append("* SLCA: not run.")
+    # LAE
+    lae = get(("vit", "lae"), [])
+    if lae and final_pass(lae[0], "online") is not None:
+        ens = [final_pass(r, "main") for r in lae]
+        on = [final_pass(r, "online") for r in lae]
+        off = [final_pass(r, "offline") for r in lae]
+        ok = all(e >= min(a, b) - 1e-9 for e, a, b in zip(ens, on, off) if a is not None and b is not None)
+        best = all(e >= max(a, b) - 1e-9 for e, a, b in zip(ens, on, off) if a is not None and b is not None)
+        lines.append(f"* **LAE's ensemble at least as good as its weaker expert: {'held' if ok else 'did not hold'}"
+                     f"** (in every seed). Final accuracy: ensemble {ms(ens)} %, online expert {ms(on)} %, offline "
+                     f"expert {ms([v for v in off if v is not None])} %; the ensemble is "
+                     f"{'also' if best else 'not'} at least as good as the better expert"
+                     f"{'' if best else ' in every seed'} ({n_seeds(lae)}).")
+    else:
+        lines.append("* LAE: not run.")
+    # SEMA
+    sema = get(("vit", "sema"), [])
+    if sema:
+        r = sema[0]
+        exps = r["metrics"].get("experiences", [])
+        per = [e.get("extra", {}).get("sema/adapters_per_block") for e in exps]
+        expanded = [e.get("extra", {}).get("sema/expanded_blocks") for e in exps]
+        shifted = len(exps) - 1
+        grew = [i for i in range(1, len(per)) if per[i] is not None and per[i - 1] is not None and per[i] != per[i - 1]]
+        only_shift = grew == [shifted] or grew == []
+        total = [sum(p) if p else 0 for p in per]
+        lines.append(f"* **SEMA adds adapters only on shift: {'held' if grew == [shifted] else 'did not hold'}"
+                     f"** (seed {r['seed']}). Adapters per expandable block after each experience: {per}; "
+                     f"expanded blocks per experience: {expanded}; the shifted experience is experience {shifted} "
+                     f"(inverted digits). Experiences after the first that added adapters: {grew or 'none'}"
+                     f"{'' if only_shift else ' (some are in-distribution Fashion-MNIST experiences)'}.")
+        sub = bool(total) and total[-1] < len(total) * total[0]
+        lines.append(f"* **SEMA grows sub-linearly: {'held' if sub else 'did not hold'}.** Total adapters "
+                     f"{total[-1] if total else 'n/a'} after {len(total)} experiences, against "
+                     f"{len(total) * (total[0] if total else 0)} for one new adapter set per experience; added "
+                     f"parameters {r.get('added_params')} (all seeds: "
+                     f"{sorted({x.get('added_params') for x in sema})}).")
+    else:
+        lines.append("* SEMA: not run.")
+    # k-FPF vs ER
+    kf, er = get(("scratch", "kfpf"), []), get(("scratch", "er"), [])
+    if kf and er:
+        fk = [r["flops"] for r in kf if r.get("flops")]
+        fe = [r["flops"] for r in er if r.get("flops")]
+        gap = 100 * (statistics.mean(last(("scratch", "kfpf"))) - statistics.mean(last(("scratch", "er"))))
+        ratio = statistics.mean(fk) / statistics.mean(fe) if fk and fe else float("nan")
+        lines.append(f"* **k-FPF close to replay at a fraction of its FLOPs: "
+                     f"{'held' if gap > -3.0 and ratio < 1.0 else 'did not hold'}** (close = within 3 points). "
+                     f"Last accuracy k-FPF {ms(last(('scratch', 'kfpf')))} % vs ER {ms(last(('scratch', 'er')))} % "
+                     f"({gap:+.1f} points); training FLOPs {statistics.mean(fk) / 1e9 if fk else float('nan'):.0f} vs "
+                     f"{statistics.mean(fe) / 1e9 if fe else float('nan'):.0f} GFLOPs (ratio {ratio:.2f}); both from "
+                     f"their presets (1 epoch, buffer 200).")
+    else:
+        lines.append("* k-FPF vs ER: not run.")
+    # PRD
+    prd, prd0 = get(("scratch", "prd"), []), get(("scratch", "prd[lambda_d=0]"), [])
+    if prd and prd0:
+        def old_acc(r: dict[str, Any]) -> float:
+            m = r["metrics"]
+            row, tot = m["correct"][-1], m["total"][-1]
+            return sum(row[:-1]) / max(1, sum(tot[:-1]))
+
+        def til(r: dict[str, Any]) -> float:
+            return r["metrics"].get("til_last_acc") or float("nan")
+
+        a, b = [old_acc(r) for r in prd], [old_acc(r) for r in prd0]
+        fa, fb = [r["forgetting"] for r in prd], [r["forgetting"] for r in prd0]
+        kept = statistics.mean(a) > statistics.mean(b)
+        lines.append(f"* **PRD's distillation keeps old classes: {'held' if kept else 'did not hold'}.** Accuracy on "
+                     f"the old experiences after the last one {ms(a)} % with distillation (lambda_d 4) vs {ms(b)} % "
+                     f"without (lambda_d 0); forgetting {ms(fa)} vs {ms(fb)} %; task-incremental last accuracy "
+                     f"{ms([til(r) for r in prd])} vs {ms([til(r) for r in prd0])} % ({n_seeds(prd)}).")
+    else:
+        lines.append("* PRD: not run.")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--stream", default="proxy", choices=list(bench.STREAMS))
+    p.add_argument("--cache", type=Path, default=bench.CACHE)
+    p.add_argument("--readme", type=Path, default=bench.README)
+    p.add_argument("--print", action="store_true", help="print instead of writing the README")
+    args = p.parse_args(argv)
+    lines = claims(load_runs(args))
+    cmd = "python benchmarks/proxy/claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    block = "\n".join([MARK_START, "", f"Made by `{cmd.strip()}` from the cached runs of the table above.", "",
+                       *lines, "", MARK_END])
+    if args.print:
+        print(block)
+        return
+    text = args.readme.read_text()
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    args.readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
