@@ -394,8 +394,9 @@ def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace
                   "| " + " | ".join(COLUMNS[1:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
         for e in (e for e in table if e["group"] == group):
             if not e["runs"]:
-                lines.append(f"| {e['strategy']} | " + " | ".join(["–"] * (len(COLUMNS) - 3))
-                             + f" | failed: {'; '.join(e['failed'])[:120] or 'not run'} |")
+                why = ("not run yet (time budget)" if set(e["failed"]) <= {"not run"}
+                       else "failed: " + "; ".join(sorted(set(e["failed"])))[:120])
+                lines.append(f"| {e['strategy']} | " + " | ".join(["–"] * (len(COLUMNS) - 3)) + f" | {why} |")
                 continue
             lines.append("| " + " | ".join(str(e[c]) for c in COLUMNS[1:]) + " |")
         lines.append("")
