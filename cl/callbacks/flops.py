@@ -85,6 +85,9 @@ class _StepMeter(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if self.counter is not None:  # the previous step never ended (a strategy skipped it): drop its count
+            self.counter.__exit__(None, None, None)
+            self.counter = None
         sig = getattr(pl_module, "compute_signature", None)
         phase = getattr(getattr(pl_module, "phase", None), "name", "train")
         self.key = (phase, _batch_key(batch), sig() if callable(sig) else None)
@@ -112,6 +115,11 @@ class _StepMeter(pl.Callback):
         fwd = total if self.fwd < 0 else self.fwd
         self.cache[self.key] = (fwd, total - fwd)
         self.counter = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.counter = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.counter is not None:
