@@ -202,3 +202,21 @@ def test_bad_config_is_a_clear_error(tmp_path):
     cfg = build_config(None, [*TINY_LAE, "strategy.blocks=[0,5]", f"run.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="blocks"):
         build_strategy(cfg, build_scenario(cfg))
+
+
+@pytest.mark.slow
+def test_offline_expert_keeps_old_classes_and_ensemble(tmp_path):
+    """Proxy stream on the pre-trained ViT, 2 experiences x 5 classes: after the second, the offline expert is more
+    accurate than the online one on the first experience, and the ensemble is at least as good as the weaker one."""
+    ckpt = REPO / "assets/backbones/vit_p4_w64_d4_fmnist.pt"
+    if not ckpt.is_file():
+        pytest.skip("the pre-trained proxy ViT is not committed")
+    cfg = build_config(str(REPO / "configs/lae/cpu.yaml"), [
+        "scenario.n_experiences=2", "scenario.shift=none", "scenario.train_per_class=100", "run.checkpoint=false",
+        f"run.dir={tmp_path / 'run'}", "seed=0"])
+    results = Runner(cfg).run()
+    last = results.metrics["experiences"][-1]["passes"]
+    on, off, ens = last["online"], last["offline"], last["main"]
+    assert off[0] > on[0], f"offline {off[0]:.3f} vs online {on[0]:.3f} on the old experience"
+    seen = lambda acc: (acc[0] + acc[1]) / 2  # noqa: E731 - equal test sizes (1,000 images per class)
+    assert seen(ens) >= min(seen(on), seen(off)), (ens, on, off)
