@@ -125,12 +125,13 @@ def _run(tmp_path, extra: list[str], monkeypatch) -> tuple[Runner, dict]:
 
     _Snap.protos = []
     monkeypatch.setattr(cl.runner, "CALLBACKS", cb_base.CALLBACKS + [_Snap])
-    cfg = build_config(None, [*TINY, *SMALL, "scenario.n_experiences=3", "strategy.epochs=2",
+    cfg = build_config(None, [*TINY, *SMALL, "scenario.init_classes=4", "scenario.increment=3", "strategy.epochs=2",
                               "strategy.warmup_epochs=1", "strategy.lr=0.05", f"run.dir={tmp_path}", *extra])
     runner = Runner(cfg)
     return runner, runner.run().metrics
 
 
+@pytest.mark.slow
 def test_stream_future_prototypes_unchanged_old_ones_move_til_ge_cil(tmp_path, monkeypatch):
     runner, m = _run(tmp_path, [], monkeypatch)
     p = _Snap.protos
