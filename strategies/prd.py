@@ -214,7 +214,8 @@ class PRD(CLStrategy):
                           "strategy.epochs=1", "strategy.warmup_epochs=0", "strategy.proj_hidden=16",
                           "strategy.proj_dim=8"]
     # BatchNorm statistics are per rank on CPU (torch's SyncBatchNorm needs a GPU): a 2-process run normalises
-    # with half-batch statistics, which moves a 1-epoch tiny run by a few points; measured in docs/strategies/prd.md
+    # with half-batch statistics, which moves a 1-epoch near-chance tiny run by several points (an estimate: the
+    # 2-process contract run did not finish on the overloaded development machine, see docs/strategies/prd.md)
     contract_ddp_tolerance = 0.15
 
     @dataclass
