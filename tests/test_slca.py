@@ -248,6 +248,8 @@ def test_paper_presets_load_and_need_weights_offline():
         assert cfg.strategy.ca_logit_norm == (0.05 if name == "cars196" else 0.1)
         schedule = (20, [18]) if name == "cifar100" else (50, [40])
         assert (cfg.strategy.epochs, list(cfg.strategy.milestones)) == schedule
+    cpu = build_config(str(REPO / "configs" / "slca" / "cpu.yaml"))
+    assert cpu.scenario.name == "proxy_fmnist" and Path(REPO / cpu.backbone.checkpoint).is_file()
     from cl.backbones import build_backbone
 
     with pytest.raises(UserError, match="cannot load pretrained weights"):
