@@ -57,7 +57,7 @@ def test_reservoir_slots_fill_then_replace():
 def test_checkpoint_round_trip_and_resume_equal_uninterrupted():
     a = ReservoirBuffer(8, n_logits=4, seed=3)
     stream = list(_stream(40, 4))
-    for i, (x, y) in enumerate(stream[:5]):
+    for x, y in stream[:5]:
         a.add(x, y, task=0, logits=torch.randn(len(y), 2))  # narrower than n_logits: width recorded
     fresh = ReservoirBuffer(8, n_logits=4, seed=3)
     assert not fresh.allocated
