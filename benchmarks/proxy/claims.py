@@ -37,7 +37,10 @@ def load_runs(args: argparse.Namespace) -> dict[tuple[str, str], list[dict[str, 
                 continue
             folder = args.cache / row.group / row.name.replace(":", "_") / f"seed{seed}-{bench.cache_key(row, cfg)}"
             if not (folder / "result.json").is_file():
-                continue
+                older = bench.latest_cached(args.cache, row, seed)  # preset changed since the run: use it, marked
+                if older is None:
+                    continue
+                folder = older.parent
             res = json.loads((folder / "result.json").read_text())
             metrics = folder / "run" / "metrics.json"
             res["metrics"] = json.loads(metrics.read_text()) if metrics.is_file() else {}
@@ -142,7 +145,7 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
                      f"Last accuracy k-FPF {ms(last(('scratch', 'kfpf')))} % vs ER {ms(last(('scratch', 'er')))} % "
                      f"({gap:+.1f} points); training FLOPs {statistics.mean(fk) / 1e9 if fk else float('nan'):.0f} vs "
                      f"{statistics.mean(fe) / 1e9 if fe else float('nan'):.0f} GFLOPs (ratio {ratio:.2f}); both from "
-                     f"their presets (1 epoch, buffer 200).")
+                     f"the presets that ran (each run's config.yaml in the cache).")
     else:
         lines.append("* k-FPF vs ER: not run.")
     # PRD

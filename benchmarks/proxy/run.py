@@ -307,6 +307,13 @@ def run_avalanche_row(row: Row, cfg: Any) -> dict[str, Any]:
             "trainable_params": count_params(net, trainable=True), "added_params": 0}
 
 
+def latest_cached(cache: Path, row: Row, seed: int) -> Path | None:
+    """The newest ``result.json`` of this row and seed under any key (for ``--no-run`` tables only)."""
+    found = sorted((cache / row.group / row.name.replace(":", "_")).glob(f"seed{seed}-*/result.json"),
+                   key=lambda f: f.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """A cached run: reuse ``result.json`` when the key matches, else run and store it."""
     try:
@@ -320,6 +327,9 @@ def run_one(row: Row, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if result_file.is_file() and not args.rerun:
         return json.loads(result_file.read_text()) | {"cached": True}
     if args.no_run:
+        older = latest_cached(args.cache, row, seed)
+        if older is not None:  # the preset or the strategy changed since: show the run that exists, marked
+            return json.loads(older.read_text()) | {"cached": True, "stale": True}
         return {"group": row.group, "strategy": row.name, "seed": seed, "cached": False, "elapsed_s": 0.0,
                 "status": "not run"}
     folder.mkdir(parents=True, exist_ok=True)
@@ -398,8 +408,13 @@ def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace
                        else "failed: " + "; ".join(sorted(set(e["failed"])))[:120])
                 lines.append(f"| {e['strategy']} | " + " | ".join(["–"] * (len(COLUMNS) - 3)) + f" | {why} |")
                 continue
-            lines.append("| " + " | ".join(str(e[c]) for c in COLUMNS[1:]) + " |")
+            mark = " †" if any(r.get("stale") for r in e["runs"]) else ""
+            lines.append("| " + " | ".join(str(e[c]) + (mark if c == "strategy" else "") for c in COLUMNS[1:]) + " |")
         lines.append("")
+    if any(r.get("stale") for e in table for r in e["runs"]):
+        lines += ["† run with an earlier version of the strategy's preset or source file (the current one changed "
+                  "after the run and was not rerun within the time budget; the run's own `config.yaml` in the cache "
+                  "says what ran).", ""]
     lines += [f"![proxy benchmark]({Path(os.path.relpath(PLOT, README.parent)).as_posix()})", "", MARK_END]
     return "\n".join(lines)
 
