@@ -258,6 +258,14 @@ class SEMA(CLStrategy):
             for m in mixes:
                 m.capture, m.captured = False, None
 
+    @torch.no_grad()
+    def novelty(self, x: Tensor) -> dict[int, list[float]]:
+        """Mean z-score of each RD of each expandable block on transformed inputs ``x`` (what detection sees)."""
+        with self.capturing() as mixes:
+            self.backbone(x)
+            return {b: [rd.z_score(rd.loss(m.captured)).mean().item() for rd in m.descriptors]
+                    for b, m in zip(self.expandable, mixes)}
+
     # ------------------------------------------------------------------------------------------ CL hooks
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
         super().on_experience_start(exp, ctx)

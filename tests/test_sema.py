@@ -158,6 +158,8 @@ def test_checkpoint_after_expansion_restores_same_shape_and_outputs(stream_run):
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(runner.model(runner.model.eval_transform(x)), fresh(fresh.eval_transform(x)))
+    z = fresh.novelty(fresh.eval_transform(x))
+    assert list(z) == [1] and len(z[1]) == 2 and min(z[1]) < 2.0, "the new RD knows the shifted data"
 
 
 def test_paper_configs_load_and_stop_offline(capsys):
