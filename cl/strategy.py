@@ -138,7 +138,9 @@ class CLStrategy(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning plumbing with sane defaults
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
-        return self.train_transform(x) if self.training else self.eval_transform(x), y
+        trainer = getattr(self, "_trainer", None)  # inside fit, the trainer's stage decides (module mode may lag)
+        training = trainer.training if trainer is not None else self.training
+        return self.train_transform(x) if training else self.eval_transform(x), y
 
     def features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
