@@ -92,6 +92,10 @@ def _free_port() -> int:
 def world_size_of(trainer_cfg: Any) -> int:
     strategy = str(trainer_cfg.strategy)
     if not strategy.startswith("ddp"):
+        devices = str(trainer_cfg.devices)
+        if devices.isdigit() and int(devices) > 1 or int(trainer_cfg.num_nodes) > 1:
+            raise ConfigError(f"trainer.devices={devices} (num_nodes={trainer_cfg.num_nodes}) needs "
+                              "trainer.strategy=ddp; CL state must be kept in step on every rank")
         return 1
     devices = trainer_cfg.devices
     if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):

@@ -392,8 +392,6 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], log
     if t.limit_train_batches is not None:
         lim = t.limit_train_batches
         kwargs["limit_train_batches"] = int(lim) if float(lim).is_integer() and lim > 1 else float(lim)
-    if str(t.strategy) == "auto" and str(t.devices) not in ("1", "auto"):
-        kwargs["devices"] = 1
     return pl.Trainer(**kwargs)
 
 

@@ -74,6 +74,7 @@ def test_describe_lists_strategy_keys():
     (["train", "config=/does/not/exist.yaml"], "does not exist"),
     (["train", "scenario.n_experiences=3", "run.root=/tmp/cl-never"], "does not divide the 10 classes"),
     (["train", "trainer.devices=2", "trainer.strategy=ddp_spawn"], "ddp_spawn"),
+    (["train", "trainer.devices=2"], "needs trainer.strategy=ddp"),
     (["nosuchcommand"], "unknown command"),
 ])
 def test_cli_user_errors_exit_2_without_traceback(args, message):
