@@ -104,7 +104,7 @@ def test_requeue_handler_checkpoints_and_requeues(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_matrix(tmp_path):
     """SIGKILL at several points (right after a checkpoint lands, and inside the next experience), then resume."""
-    args = ["train", "config=configs/quickstart.yaml", "trainer.enable_progress_bar=false", "strategy.epochs=2",
+    args = ["train", "config=configs/quickstart.yaml", "trainer.enable_progress_bar=false", "strategy.epochs=10",
             "trainer.logger=none", "seed=5"]
     ref = cl_cli([*args, f"run.dir={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
