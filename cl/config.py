@@ -115,7 +115,8 @@ class FPFConfig:
 
     enabled: bool = opt(False, "run FPF on the replay buffer after each experience (add-on to the strategy)")
     modules: list[str] = opt(default_factory=lambda: ["auto"],
-                             help="sensitive modules: auto | head | first_conv | a type (BatchNorm) | a name glob")
+                             help="sensitive modules: auto | head | first_conv | last_conv | a type (BatchNorm) | "
+                                  "a name glob")
     iters: int = opt(100, "optimizer steps per FPF call", ge=1)
     lr: float = opt(0.05, "FPF learning rate (plain SGD on the selected modules)", gt=0)
     momentum: float = opt(0.0, "FPF SGD momentum (buffers reset at every call)", ge=0)

@@ -93,9 +93,10 @@ def _type_matches(m: nn.Module, entry: str) -> bool:
 def resolve_modules(model: nn.Module, spec: list[str] | tuple[str, ...], domain: bool = False) -> list[str]:
     """Module names selected by ``spec``; every entry must select something.
 
-    Entries: ``auto`` (:func:`default_modules`), ``head`` (the classifier), ``first_conv``, ``type:NAME`` or a bare
-    class name (``BatchNorm`` matches every BatchNorm variant, ``LayerNorm``, ``Conv2d``, ...), ``name:GLOB`` or a
-    bare glob on module names (``backbone.conv1``, ``backbone.layer4.*``).
+    Entries: ``auto`` (:func:`default_modules`), ``head`` (the classifier), ``first_conv`` / ``last_conv`` (the
+    first / last ``Conv2d`` in registration order), ``type:NAME`` or a bare class name (``BatchNorm`` matches every
+    BatchNorm variant, ``LayerNorm``, ``Conv2d``, ...), ``name:GLOB`` or a bare glob on module names
+    (``backbone.conv1``, ``backbone.layer4.*``).
     """
     named = dict(model.named_modules())
     class_names = {c.__name__ for m in named.values() for c in type(m).__mro__} | set(TYPE_ALIASES)
@@ -109,6 +110,8 @@ def resolve_modules(model: nn.Module, spec: list[str] | tuple[str, ...], domain:
             hits = [h] if h is not None else []
         elif entry == "first_conv":
             hits = [n for n, m in named.items() if isinstance(m, nn.Conv2d)][:1]
+        elif entry == "last_conv":
+            hits = [n for n, m in named.items() if isinstance(m, nn.Conv2d)][-1:]
         elif entry.startswith("type:") or (entry in class_names and not entry.startswith("name:")):
             t = entry.removeprefix("type:")
             hits = [n for n, m in named.items() if n and _type_matches(m, t)]
@@ -118,7 +121,8 @@ def resolve_modules(model: nn.Module, spec: list[str] | tuple[str, ...], domain:
         if not hits:
             sample = ", ".join([n for n in named if n][:6])
             raise ConfigError(f"fpf.modules entry '{entry}' selects no module of this model; use auto, head, "
-                              f"first_conv, a type (BatchNorm, LayerNorm, Conv2d) or a name glob (e.g. {sample})")
+                              "first_conv, last_conv, a type (BatchNorm, LayerNorm, Conv2d) or a name glob "
+                              f"(e.g. {sample})")
         out += hits
     return _drop_nested(model, out)
 
