@@ -1,5 +1,5 @@
 """FPF and k-FPF: only the selected modules change, module selection, training dynamics, the k-call schedule across
-a resume, and old-experience accuracy rising across an FPF call."""
+a resume, old-experience accuracy rising across an FPF call, and the CPU preset's claim against ER and fine-tuning."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from cl.components.fpf import (
 from cl.config import build_config
 from cl.errors import ConfigError
 from cl.runner import Runner
-from conftest import TINY
+from conftest import REPO, TINY
 from strategies.kfpf import schedule
 
 
@@ -95,6 +95,8 @@ def test_module_selection_defaults_types_and_errors():
     assert resolve_modules(model, ["BatchNorm", "head"]) == auto
     assert resolve_modules(model, ["type:Conv2d"])[0] == "backbone.conv1"
     assert resolve_modules(model, ["first_conv", "classifier"]) == ["backbone.conv1", "classifier"]
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
+    assert resolve_modules(model, ["auto", "last_conv"]) == [*bns, "classifier", last]
     assert resolve_modules(model, ["backbone", "classifier"]) == ["backbone", "classifier"]
     assert resolve_modules(model, ["backbone.layer1", "backbone.layer1.0.bn1"]) == ["backbone.layer1"]  # nested
     with pytest.raises(ConfigError, match="fpf.modules entry 'backbone.nope'"):
@@ -210,3 +212,25 @@ def test_fpf_refused_where_it_does_not_apply():
     assert STRATEGIES.get("kfpf").fpf_refusal
     with pytest.raises(ConfigError, match="does not apply to strategy 'kfpf'"):
         build_strategy(cfg, build_scenario(cfg))
+
+
+@pytest.mark.slow
+def test_cpu_preset_kfpf_close_to_er_at_a_fraction_of_its_flops(tmp_path):
+    """The issue's claim on ``configs/kfpf/cpu.yaml`` (seed 0, one thread as in ``benchmarks/kfpf_cpu.py``): k-FPF
+    beats fine-tuning by a wide margin and is within a few points of ER at under 0.7x its training FLOPs.
+    Measured: k-FPF 85.1, ER 83.6, fine-tuning 16.2 % last accuracy; FLOPs 0.65x of ER's."""
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, path in [("kfpf", "kfpf/cpu.yaml"), ("er", "er/cpu.yaml"), ("finetune", "kfpf/cpu_finetune.yaml")]:
+            cfg = build_config(str(REPO / "configs" / path), ["seed=0", "run.checkpoint=false", "trainer.logger=none",
+                                                               f"run.dir={tmp_path / name}"])
+            m = Runner(cfg).run().metrics
+            out[name] = (m["last_acc"], m["experiences"][-1]["extra"]["compute/cumulative_flops"])
+    finally:
+        torch.set_num_threads(threads)
+    (kf, kf_flops), (er, er_flops), (ft, _) = out["kfpf"], out["er"], out["finetune"]
+    assert kf > ft + 0.4, out
+    assert kf > er - 0.08, out  # seeds 5-9 average 3.9 points below ER: "close", not "above"
+    assert kf_flops < 0.7 * er_flops, out
