@@ -14,6 +14,9 @@ FPF k times periodically); everything else is a documented knob (docs/strategies
   same steps (equal shards, drop_last), so the trigger fires on the same step on every rank.
 * Each call: :func:`cl.components.fpf.fpf_call` with the ``fpf.*`` settings (modules, iterations, lr, batch);
   ``variant=ce`` is cross-entropy on buffer labels, ``variant=kd`` adds ``alpha`` * MSE to the stored logits.
+* Modules: ``fpf.modules=auto`` is the paper's choice (BatchNorm layers + classifier). Deviation, in the CPU preset
+  only: ``configs/kfpf/cpu.yaml`` adds ``last_conv``, because on its width-8 CNN BN + head alone leave k-FPF about
+  20 points below ER (the sweep is in docs/strategies/kfpf.md).
 """
 
 from __future__ import annotations
