@@ -9,6 +9,7 @@ here, when the config is built, never deep inside training.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -230,6 +231,7 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
             node = OmegaConf.structured(cls)
             node.name = name
             schema[sec] = node
+            _drop_foreign_file_keys(file_cfg, sec, name, default, cls, config_path)
     OmegaConf.set_struct(schema, True)
     try:
         cfg = OmegaConf.merge(schema, OmegaConf.create(file_cfg))
@@ -243,6 +245,25 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
         raise ConfigError(f"invalid config: {_first_line(str(err))}") from None
     validate(cfg)
     return cfg
+
+
+def _drop_foreign_file_keys(file_cfg: dict, section: str, name: str, default: str, cls: type,
+                            config_path: str | None) -> None:
+    """The command line picked another entry than the file (``backbone=resnet18_cifar`` over a file's ``cnn``): the
+    file's keys that the new entry does not declare (``backbone.width``) belonged to the replaced one; drop them, with
+    a note, as ``extends:`` does for a different strategy. Keys both declare (``strategy.lr``) are kept."""
+    node = file_cfg.get(section)
+    if not isinstance(node, dict) or str(node.get("name", default)) == name:
+        return
+    known = {f.name for f in dataclasses.fields(cls)}
+    foreign = [k for k in node if k not in known]
+    for k in foreign:
+        del node[k]
+    if foreign:
+        keys = ", ".join(f"{section}.{k}" for k in foreign)
+        logging.getLogger("cl.config").warning(
+            "note: %s from %s do%s not apply to %s '%s' chosen on the command line; ignored", keys,
+            config_path or "the config file", "es" if len(foreign) == 1 else "", section, name)
 
 
 def _first_line(msg: str) -> str:

@@ -25,6 +25,18 @@ def test_shortcut_brings_entry_defaults():
         build_config(None, ["backbone=resnet18_cifar", "backbone.hidden=3"])  # an MLP key is not a ResNet key
 
 
+def test_command_line_entry_switch_drops_the_file_keys_of_the_replaced_entry(tmp_path, caplog):
+    f = tmp_path / "c.yaml"
+    f.write_text("backbone:\n  name: cnn\n  width: 8\nstrategy:\n  name: er\n  lr: 0.3\n  buffer_size: 50\n")
+    cfg = build_config(str(f), ["backbone=resnet18_cifar", "backbone.nf=8", "strategy=finetune"])
+    assert cfg.backbone.name == "resnet18_cifar" and cfg.backbone.nf == 8 and "width" not in cfg.backbone
+    assert cfg.strategy.name == "finetune" and cfg.strategy.lr == 0.3  # a key both entries declare is kept
+    assert "backbone.width" in caplog.text and "strategy.buffer_size" in caplog.text
+    assert build_config(str(f)).backbone.width == 8  # without a switch the file's keys stand
+    with pytest.raises(ConfigError, match="unknown config key 'backbone.width'"):
+        build_config(str(f), ["backbone=resnet18_cifar", "backbone.width=4"])  # on the command line: still an error
+
+
 def test_extends(tmp_path):
     (tmp_path / "base.yaml").write_text("seed: 1\nstrategy:\n  name: finetune\n  lr: 0.3\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nstrategy:\n  epochs: 2\n")
