@@ -146,8 +146,31 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
                      f"({gap:+.1f} points); training FLOPs {statistics.mean(fk) / 1e9 if fk else float('nan'):.0f} vs "
                      f"{statistics.mean(fe) / 1e9 if fe else float('nan'):.0f} GFLOPs (ratio {ratio:.2f}); both from "
                      f"the presets that ran (each run's config.yaml in the cache).")
+        long = get(("scratch", "kfpf[fpf.iters=100]"), [])
+        fl = [r["flops"] for r in long if r.get("flops")]
+        if long and fl and fe:
+            lines[-1] += (f" With FPF calls of 100 iterations instead of 30: "
+                          f"{ms(last(('scratch', 'kfpf[fpf.iters=100]')))} % at a FLOPs ratio of "
+                          f"{statistics.mean(fl) / statistics.mean(fe):.2f}.")
     else:
         lines.append("* k-FPF vs ER: not run.")
+    # FPF on top of another strategy
+    for base, label in (("er", "ER"), ("derpp", "DER++")):
+        plain, fpf = get(("scratch", base), []), get(("scratch", f"{base}[+fpf]"), [])
+        if plain and fpf:
+            a, b = statistics.mean(last(("scratch", f"{base}[+fpf]"))), statistics.mean(last(("scratch", base)))
+            fa = [r["flops"] for r in fpf if r.get("flops")]
+            fb = [r["flops"] for r in plain if r.get("flops")]
+            extra = statistics.mean(fa) / statistics.mean(fb) - 1 if fa and fb else float("nan")
+            sds = [statistics.stdev(v) for v in (last(("scratch", base)), last(("scratch", f"{base}[+fpf]")))
+                   if len(v) > 1]
+            noise = ", within the seed spread" if sds and abs(a - b) < max(sds) else ""
+            inc = [statistics.mean(r["avg_inc_acc"] for r in x) for x in (fpf, plain)]
+            lines.append(f"* **FPF on top of {label} improves it: {'held' if a > b else 'did not hold'}.** Last "
+                         f"accuracy {ms(last(('scratch', f'{base}[+fpf]')))} % with FPF after every experience vs "
+                         f"{ms(last(('scratch', base)))} % without ({100 * (a - b):+.1f} points{noise}); average "
+                         f"incremental accuracy {100 * inc[0]:.1f} vs {100 * inc[1]:.1f} %; {100 * extra:+.0f} % "
+                         f"training FLOPs ({n_seeds(fpf)}).")
     # PRD
     prd, prd0 = get(("scratch", "prd"), []), get(("scratch", "prd[lambda_d=0]"), [])
     if prd and prd0:

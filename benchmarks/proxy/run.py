@@ -83,17 +83,27 @@ PRETRAINED = {"slca", "lae", "sema", "ncm"}
 BASELINES = ("finetune", "joint")
 #: Avalanche hyper-parameters (defaults of its examples on split MNIST-like streams)
 AVALANCHE_KW = {"ewc": {"ewc_lambda": 100.0}, "lwf": {"lwf_alpha": 1.0, "lwf_temperature": 2.0}, "naive": {}}
-#: caps that keep a preset within the ~30 min budget (applied after the preset; stated in the README)
+#: FPF's extra modules on the ResNet: its last stage, the analogue of the CNN presets' ``last_conv`` (the last conv
+#: of the width-8 CNN is its whole last stage; ``last_conv`` of a ResNet-18 would be a single conv of layer4)
+FPF_RESNET = ["fpf.modules=[auto,backbone.layer4]"]
+#: applied after the preset, stated in the README: caps that keep a preset within the ~30 min budget, and the
+#: presets' CNN-specific FPF module choice translated to the group's ResNet
 BENCH_OVERRIDES: dict[str, list[str]] = {
     "prd": ["strategy.epochs=3", "strategy.warmup_epochs=3"],
+    "er": [*FPF_RESNET],
+    "derpp": [*FPF_RESNET],
+    "kfpf": [*FPF_RESNET],
 }
 #: ablation rows for the claims: label -> (strategy, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "prd[lambda_d=0]": ("prd", ["strategy.lambda_d=0"]),
+    "er[+fpf]": ("er", ["fpf.enabled=true"]),
+    "derpp[+fpf]": ("derpp", ["fpf.enabled=true"]),
+    "kfpf[fpf.iters=100]": ("kfpf", ["fpf.iters=100"]),
 }
 #: rows the claims need run first (a run cut short by the deadline still has them)
-FIRST = ["vit/finetune", "vit/slca", "vit/lae", "vit/sema", "vit/ncm", "scratch/er", "scratch/kfpf", "scratch/prd",
-         "scratch/prd[lambda_d=0]", "scratch/finetune"]
+FIRST = ["vit/finetune", "vit/slca", "vit/lae", "vit/sema", "vit/ncm", "scratch/er", "scratch/kfpf",
+         "scratch/er[+fpf]", "scratch/prd", "scratch/prd[lambda_d=0]", "scratch/finetune"]
 COMMON = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
           "trainer.logger=none", "run.checkpoint=false", "run.overwrite=true"]
 
