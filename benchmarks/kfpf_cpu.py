@@ -10,6 +10,7 @@ are the FLOPs callback's ``compute/cumulative_flops`` after the last experience 
     python benchmarks/kfpf_cpu.py                 # 5 seeds of every row (~10 min on 2 cores), tables -> stdout
     python benchmarks/kfpf_cpu.py --write         # ... and into the two documents (between their markers)
     python benchmarks/kfpf_cpu.py --seeds 0 --only er "k-FPF-CE"
+    python benchmarks/kfpf_cpu.py --quick         # smoke test: seed 0, 1 epoch of 2 batches per experience
 
 Runs are cached under ``benchmarks/kfpf_cpu_cache/`` (git-ignored) by a hash of the command line, the config
 files it reads and the source of ``strategies/``, ``cl/components/`` and ``cl/callbacks/``.
@@ -66,8 +67,11 @@ def source_digest(args: str) -> str:
     return h.hexdigest()[:12]
 
 
-def run(label: str, args: str, seed: int, rerun: bool) -> dict[str, Any]:
-    folder = CACHE / f"{source_digest(args)}-seed{seed}"
+QUICK = "strategy.epochs=1 trainer.limit_train_batches=2"  # --quick: checks the plumbing, not results
+
+
+def run(label: str, args: str, seed: int, rerun: bool, cache: Path = CACHE) -> dict[str, Any]:
+    folder = cache / f"{source_digest(args)}-seed{seed}"
     metrics = folder / "metrics.json"
     if rerun or not metrics.is_file():
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -119,8 +123,8 @@ def tables(results: list[dict[str, Any]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def write(block: str) -> None:
-    for doc in DOCS:
+def write(block: str, docs: list[Path] = DOCS) -> None:
+    for doc in docs:
         text = doc.read_text()
         if MARK_START not in text:
             raise SystemExit(f"{doc}: no {MARK_START} marker; add the two markers where the table goes")
@@ -129,22 +133,31 @@ def write(block: str) -> None:
         doc.write_text(f"{head}{MARK_START}\n\n{block}\n\n{MARK_END}{tail}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--only", nargs="+", default=None, help="row labels")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--rerun", action="store_true", help="ignore cached runs")
     p.add_argument("--write", action="store_true", help="write the tables into the documents")
+    p.add_argument("--docs", type=Path, nargs="+", default=DOCS, help="documents for --write (default: the two)")
+    p.add_argument("--cache", type=Path, default=CACHE, help="cache folder")
+    p.add_argument("--quick", action="store_true", help=f"seed 0 and `{QUICK}` on every row: a smoke test")
     args = p.parse_args(argv)
-    rows = [(label, a) for label, a in ROWS if not args.only or label in args.only]
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    unknown = sorted(set(args.only or []) - {label for label, _ in ROWS})
+    if unknown:
+        raise SystemExit(f"--only: unknown row(s) {unknown}; the rows are {[label for label, _ in ROWS]}")
+    rows = [(label, f"{a} {QUICK}" if args.quick else a) for label, a in ROWS if not args.only or label in args.only]
     jobs = [(label, a, s) for s in args.seeds for label, a in rows]
     with ThreadPoolExecutor(args.jobs) as ex:
-        results = list(ex.map(lambda j: run(*j, args.rerun), jobs))
+        results = list(ex.map(lambda j: run(*j, args.rerun, args.cache), jobs))
     block = tables(results, args.seeds)
     print(block)
     if args.write:
-        write(block)
+        write(block, args.docs)
+    return results
 
 
 if __name__ == "__main__":

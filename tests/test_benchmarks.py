@@ -74,3 +74,29 @@ def test_plan_groups_every_registered_strategy() -> None:
             assert r.group == "vit"
     assert {r.name for r in rows if r.engine == "avalanche"} == {"avalanche:naive", "avalanche:ewc", "avalanche:lwf"}
     assert {r.group for r in rows if r.name == "joint"} == {"vit", "scratch"}
+
+
+@pytest.mark.slow
+def test_kfpf_cpu_benchmark_quick_writes_its_table_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import kfpf_cpu
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{kfpf_cpu.MARK_START}\nold\n{kfpf_cpu.MARK_END}\nafter\n")
+    argv = ["--quick", "--only", "er", "k-FPF-CE", "--cache", str(tmp_path / "cache"), "--write", "--docs", str(doc)]
+    results = {r["label"]: r for r in kfpf_cpu.main(argv)}
+    assert set(results) == {"er", "k-FPF-CE"}
+    er, kf = results["er"], results["k-FPF-CE"]
+    assert er["flops"] > 0 and kf["flops"] > 0  # measured by the FLOPs callback (quick runs: FPF calls dominate)
+    assert len(kf["seen"]) == 5 and all(0.0 <= a <= 1.0 for a in kf["seen"])
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| k-FPF-CE | `config=configs/kfpf/cpu.yaml` |" in text and "| er |" in text and "1.00x" in text
+
+    def no_run(*a, **k):
+        raise AssertionError("a cached run was run again")
+
+    monkeypatch.setattr(kfpf_cpu.subprocess, "run", no_run)
+    again = kfpf_cpu.main(argv[:-3])  # the same runs, served from the cache
+    assert [r["last"] for r in again] == [results[r["label"]]["last"] for r in again]
+    with pytest.raises(SystemExit, match="unknown row"):
+        kfpf_cpu.main(["--only", "nope"])
