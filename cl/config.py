@@ -43,6 +43,10 @@ class StrategyConfig:
     momentum: float = opt(0.9, "SGD momentum", ge=0)
     weight_decay: float = opt(0.0, "weight decay", ge=0)
     epochs: int | None = opt(None, "epochs per experience; null means trainer.max_epochs", ge=1)
+    input_convention: str | None = opt(
+        None, "inputs the model sees: normalized (scenario mean/std) | unit ([0, 1]) | pm1 ([-1, 1]); null = the "
+        "strategy's paper convention (`cl train --help strategy=NAME` names it)",
+        choices=(None, "normalized", "unit", "pm1"))
 
 
 @dataclass
@@ -76,6 +80,8 @@ class DataConfig:
     batch_size: int = opt(32, "global training batch size (split evenly across DDP ranks)", ge=1)
     eval_batch_size: int = opt(256, "evaluation batch size per rank", ge=1)
     num_workers: int = opt(0, "DataLoader workers for file-backed data sets (tensor data sets use none)", ge=0)
+    drop_last: bool | None = opt(None, "drop the last incomplete training batch; null = what the strategy's "
+                                       "official code does (LAE drops it; SLCA, SEMA, PRD keep it)")
 
 
 @dataclass

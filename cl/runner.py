@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from cl import distributed, provenance
 from cl.callbacks import CALLBACKS, CLCallback, MetricsCallback
@@ -53,7 +55,8 @@ class RunContext:
         """Raw batches of ``data`` for this rank (apply ``model.train_transform``/``eval_transform`` yourself)."""
         bs = batch_size or (self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
         return make_loader(data, bs, train=train, rank=self.dist.rank, world=self.dist.world_size,
-                           seed=self.seed_for(tag), shuffle=shuffle, num_workers=self.cfg.data.num_workers)
+                           seed=self.seed_for(tag), shuffle=shuffle, num_workers=self.cfg.data.num_workers,
+                           drop_last=drop_last(self.cfg, type(self.model)) if train else None)
 
     def seed_for(self, tag: str) -> int:
         """A seed that is the same on every rank for (run seed, experience, tag)."""
@@ -125,9 +128,44 @@ def build_strategy(cfg: DictConfig, scenario: Scenario) -> CLStrategy:
     model = cls(section(cfg, "strategy"), backbone, scenario.n_classes)
     if cfg.fpf.enabled and cls.fpf_refusal:
         raise ConfigError(f"fpf.enabled=true does not apply to strategy '{cfg.strategy.name}': {cls.fpf_refusal}")
-    train_tf, eval_tf = scenario.transforms(cls.input_convention)
+    convention = input_convention(cfg, cls)
+    check_pretrained_convention(cfg, backbone, convention, scenario)
+    train_tf, eval_tf = scenario.transforms(convention)
     model.train_transform, model.eval_transform = train_tf, eval_tf
     return model
+
+
+def input_convention(cfg: DictConfig, cls: type[CLStrategy]) -> str:
+    """``strategy.input_convention`` when set, else the strategy's paper convention."""
+    return cfg.strategy.get("input_convention") or cls.input_convention
+
+
+def drop_last(cfg: DictConfig, cls: type[CLStrategy]) -> bool:
+    """``data.drop_last`` when set, else what the strategy's official loader does."""
+    value = cfg.data.get("drop_last")
+    return cls.drop_last if value is None else bool(value)
+
+
+#: the (mean, std) each convention feeds, when it does not depend on the scenario
+_CONVENTION_STATS = {"unit": (0.0, 1.0), "pm1": (0.5, 0.5)}
+
+
+def check_pretrained_convention(cfg: DictConfig, backbone: nn.Module, convention: str, scenario: Scenario) -> None:
+    """Warn when pretrained timm weights expect other inputs than the convention feeds (LAE's and SEMA's raw
+    [0, 1] inputs on an ImageNet-normalised checkpoint, say): a silent change of every number."""
+    pcfg = getattr(backbone, "pretrained_cfg", None)
+    if not cfg.backbone.get("pretrained") or not isinstance(pcfg, dict) or "mean" not in pcfg:
+        return
+    want_mean, want_std = tuple(pcfg["mean"]), tuple(pcfg["std"])
+    mean, std = _CONVENTION_STATS.get(convention, (None, None))
+    fed_mean = (mean,) * len(want_mean) if mean is not None else tuple(scenario.mean)
+    fed_std = (std,) * len(want_std) if std is not None else tuple(scenario.std)
+    if len(fed_mean) != len(want_mean) or any(abs(a - b) > 0.01 for a, b in zip(fed_mean + fed_std,
+                                                                                   want_mean + want_std)):
+        warnings.warn(f"backbone '{cfg.backbone.get('model', cfg.backbone.name)}' was pre-trained on inputs with "
+                      f"mean {want_mean} / std {want_std}, but strategy.input_convention={convention} feeds mean "
+                      f"{fed_mean} / std {fed_std}. That is the paper's choice for this strategy if it is the default; "
+                      "set strategy.input_convention to change it", UserWarning, stacklevel=2)
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -224,7 +262,8 @@ class Runner:
         epochs = phase.epochs or model.cfg.epochs or cfg.trainer.max_epochs
         data = phase.data if phase.data is not None else exp.train
         dm = ExperienceDataModule(data, phase.batch_size or cfg.data.batch_size, ctx.dist.rank, ctx.dist.world_size,
-                                  seed=ctx.seed_for(f"fit{k}/{phase.name}"), num_workers=cfg.data.num_workers)
+                                  seed=ctx.seed_for(f"fit{k}/{phase.name}"), num_workers=cfg.data.num_workers,
+                                  drop_last=drop_last(cfg, type(model)))
         trainer = make_trainer(cfg, epochs, [c for cb in callbacks for c in cb.trainer_callbacks(ctx)],
                                ctx.loggers, ctx.run_dir)
         trainer.fit(model, datamodule=dm)

@@ -74,6 +74,8 @@ class CLStrategy(pl.LightningModule):
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     #: which input convention the paper uses: ``normalized`` (mean/std), ``unit`` ([0, 1]) or ``pm1`` ([-1, 1])
     input_convention: ClassVar[str] = "normalized"
+    #: whether the official training loader drops the last incomplete batch (``data.drop_last=null`` follows it)
+    drop_last: ClassVar[bool] = True
     #: how FPF (``fpf.enabled=true``) applies: ``None`` = supported; a string = the reason it is refused
     fpf_refusal: ClassVar[str | None] = None
     description: ClassVar[str] = ""

@@ -208,6 +208,7 @@ class PRD(CLStrategy):
 
     description = "PRD: SupCon + detached prototypes + prototype-sample relation distillation, replay-free"
     input_convention = "pm1"
+    drop_last = False  # the official loader keeps the last partial batch
     fpf_refusal = ("PRD is replay-free (it stores no samples) and predicts with prototypes trained by a cosine loss; "
                    "FPF fine-tunes on a replay buffer with cross-entropy")
     contract_overrides = ["backbone=resnet18_cifar", "backbone.nf=2", "scenario.image_size=8",

@@ -86,6 +86,7 @@ class SLCA(CLStrategy):
 
     description = "slow-learner fine-tuning + classifier alignment on class-Gaussian pseudo-features (ICCV'23)"
     input_convention = "normalized"
+    drop_last = False  # the official (PyCIL) loader keeps the last partial batch
     fpf_refusal = ("SLCA restores its stage-1 heads at every experience start and re-aligns them from class "
                    "Gaussians; FPF's buffer fine-tuning would be partly undone and has no replay buffer to use")
     # an MLP: a randomly initialised tiny ViT barely learns digits in a few SGD steps, and near-chance accuracy

@@ -34,9 +34,13 @@ class RankBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _tail(self) -> int:
+        """Samples in the last, partial batch that is kept (``drop_last=False``): a multiple of the world size, so
+        every rank takes the same number of steps (up to ``world - 1`` samples are still dropped under DDP)."""
+        return 0 if self.drop_last else (self.n % self.batch) // self.world * self.world
+
     def __len__(self) -> int:
-        full = self.n // self.batch
-        return full if self.drop_last or self.n % self.batch == 0 else full + 1
+        return self.n // self.batch + (1 if self._tail() else 0)
 
     def __iter__(self):
         if self.shuffle:
@@ -44,8 +48,9 @@ class RankBatchSampler:
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
+        full = self.n // self.batch
         for b in range(len(self)):
-            chunk = order[b * self.batch:(b + 1) * self.batch]
+            chunk = order[b * self.batch:(b + 1) * self.batch] if b < full else order[b * self.batch:][:self._tail()]
             yield chunk[self.rank::self.world].tolist()
 
 
@@ -116,14 +121,14 @@ class ExperienceDataModule(pl.LightningDataModule):
     """The training data of one phase as a ``LightningDataModule`` (Lightning's sampler replacement is off)."""
 
     def __init__(self, data: ExperienceData, batch_size: int, rank: int, world: int, seed: int,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, drop_last: bool = True) -> None:
         super().__init__()
         self.data, self.batch_size, self.rank, self.world, self.seed = data, batch_size, rank, world, seed
-        self.num_workers = num_workers
+        self.num_workers, self.drop_last = num_workers, drop_last
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.data, self.batch_size, train=True, rank=self.rank, world=self.world,
-                           seed=self.seed, num_workers=self.num_workers)
+                           seed=self.seed, num_workers=self.num_workers, drop_last=self.drop_last)
 
 
 class ConcatSource:

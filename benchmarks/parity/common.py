@@ -1,0 +1,223 @@
+"""The shared tiny setup of the parity harness, and our side of every row.
+
+One setup serves every strategy: the Fashion-MNIST STREAM half (the images the committed tiny ViT never saw in
+pre-training, ``scenarios/proxy.py::proxy_split``), resized once to 32 x 32 uint8, ``train_per_class`` training and
+``test_per_class`` test images per class, 5 experiences of 2 classes. The class order of seed ``s`` is the PyCIL
+permutation ``np.random.seed(s); np.random.permutation(10)``; labels are renumbered to positions in that order
+*before* either side sees them, so both run with the natural order (experience t owns labels 2t, 2t + 1).
+No augmentation on either side: the official pipelines' crops and jitters are random, so keeping them would only
+add noise to a side-by-side comparison (each official runner says which transform it swaps out).
+
+The arrays go to an ``.npz`` file (:func:`write_npz`) that our ``scenario=npz`` reads and each official runner
+loads through its shim. Results are :class:`RunResult` JSON files under ``benchmarks/parity/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"  # extracted official sources and setup files (git-ignored)
+RESULTS = HERE / "results"  # one JSON per (row, side, seed), committed: the table is made from them
+VIT_CKPT = REPO / "assets" / "backbones" / "vit_p4_w64_d4_fmnist.pt"
+#: the committed ViT: timm VisionTransformer(img_size=32, patch_size=4, in_chans=1, embed_dim=64, depth=4,
+#: num_heads=2, mlp_ratio=4, num_classes=0), pre-trained on the SOURCE half (docs/pretrain.md)
+VIT_ARCH = {"img_size": 32, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 2,
+            "mlp_ratio": 4.0}
+
+#: the official code, pinned: (GitHub repository, commit)
+OFFICIAL: dict[str, tuple[str, str]] = {
+    "slca": ("GengDavid/SLCA", "169d4e6b91e3ca30caa717200c1944981c4426d1"),
+    "lae": ("gqk/LAE", "1680e496b7ac7ffa408b13d3b1a53a9be9b87696"),
+    "sema": ("huiyiwang01/SEMA-CL", "5a4551262d659c6d93dd6c50ff814e028554fbf3"),
+    "prd": ("naderAsadi/Probing-Continual-Learning", "8b82d53b142ae8a13cd342a8a3da6b0ca2b4d28c"),
+}
+SEEDS = (0, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ the data
+@dataclass
+class Setup:
+    """The arrays both sides train and test on (labels already renumbered to class-order positions)."""
+
+    seed: int
+    train_x: np.ndarray  # (N, 32, 32) uint8
+    train_y: np.ndarray  # (N,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+    class_order: list[int]  # original Fashion-MNIST labels in stream order
+    n_tasks: int = 5
+    classes_per_task: int = 2
+    mean: tuple[float, ...] = (0.2860,)  # Fashion-MNIST, for the ``normalized`` convention
+    std: tuple[float, ...] = (0.3530,)
+
+    @property
+    def n_classes(self) -> int:
+        return self.n_tasks * self.classes_per_task
+
+
+def make_setup(seed: int, train_per_class: int = 300, test_per_class: int = 200, size: int = 32) -> Setup:
+    """Build the setup of ``seed`` from the local Fashion-MNIST files (Debian ``dataset-fashion-mnist``)."""
+    import torch
+    import torch.nn.functional as F
+
+    import cl  # noqa: F401  (scenarios import cl.config)
+    from scenarios.base import pycil_permutation
+    from scenarios.fmnist import load_fmnist
+    from scenarios.proxy import PROXY_SPLIT_SEED, proxy_split
+
+    train, test = load_fmnist(os.environ.get("CL_DATA_ROOT", "data"))
+    _, stream = proxy_split(train.targets)
+    tr_idx = np.sort(np.concatenate([stream[train.targets[stream] == c][:train_per_class] for c in range(10)]))
+    rng = np.random.default_rng(PROXY_SPLIT_SEED + 1)  # the same fixed test subset as proxy_fmnist
+    te_idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(test.targets == c))[:test_per_class]
+                                     for c in range(10)]))
+
+    def resize(x: torch.Tensor) -> np.ndarray:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
+    order = pycil_permutation(10, seed)
+    remap = np.empty(10, dtype=np.int64)
+    remap[np.asarray(order)] = np.arange(10)
+    return Setup(seed=seed, train_x=resize(train.images[tr_idx]), train_y=remap[train.targets[tr_idx]],
+                 test_x=resize(test.images[te_idx]), test_y=remap[test.targets[te_idx]], class_order=order)
+
+
+def write_npz(setup: Setup, path: Path | None = None) -> Path:
+    """Write the setup for ``scenario=npz`` and the official shims; returns the path (cached per seed)."""
+    path = path or CACHE / f"setup_seed{setup.seed}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, train_x=setup.train_x, train_y=setup.train_y, test_x=setup.test_x, test_y=setup.test_y,
+             mean=np.asarray(setup.mean), std=np.asarray(setup.std), class_order=np.asarray(setup.class_order),
+             n_tasks=setup.n_tasks, classes_per_task=setup.classes_per_task)
+    os.replace(tmp, path)
+    return path
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def vit_state_dict() -> dict[str, Any]:
+    """The committed ViT's weights with timm's key names (``patch_embed.proj.weight``, ``blocks.0.attn.qkv``...)."""
+    import torch
+
+    return torch.load(VIT_CKPT, map_location="cpu", weights_only=True)["state_dict"]
+
+
+# ------------------------------------------------------------------------------------------------ official code
+def official_source(name: str) -> Path:
+    """The official repository of ``name`` at its pinned commit, extracted under ``.cache/src`` (never edited).
+
+    Taken from ``$CL_PARITY_MIRROR/<owner>+<repo>/repo`` (a bare git directory) when present, else cloned from
+    GitHub (needs the internet once).
+    """
+    repo, commit = OFFICIAL[name]
+    dest = CACHE / "src" / f"{name}@{commit[:7]}"
+    if (dest / ".complete").exists():
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    mirror = Path(os.environ.get("CL_PARITY_MIRROR", "/work/.mirror")) / repo.replace("/", "+") / "repo"
+    with tempfile.TemporaryDirectory() as tmp:
+        git_dir = mirror
+        if not mirror.exists():
+            git_dir = Path(tmp) / "clone"
+            subprocess.run(["git", "clone", "--bare", "-q", f"https://github.com/{repo}.git", str(git_dir)],
+                           check=True)
+        archive = Path(tmp) / "src.tar"
+        subprocess.run(["git", f"--git-dir={git_dir}", "archive", "-o", str(archive), commit], check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    (dest / ".complete").write_text(commit + "\n")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class RunResult:
+    """One run of one side: ``acc[t]`` = accuracy (%) on the seen classes after experience t, sample-weighted."""
+
+    row: str  # e.g. "slca", "lae-adapter"
+    side: str  # "official" | "ours"
+    seed: int
+    acc: list[float]
+    wall_s: float
+    matrix: list[list[float | None]] = field(default_factory=list)  # % on exp j after exp i, if known
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. SEMA's adapters per block after each experience
+    command: str = ""
+
+    @property
+    def last(self) -> float:
+        return self.acc[-1]
+
+    @property
+    def avg_inc(self) -> float:
+        return float(np.mean(self.acc))
+
+    def save(self, root: Path = RESULTS) -> Path:
+        path = root / self.row / f"{self.side}_seed{self.seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> RunResult:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def seen_accuracy(correct: list[list[int]], total: list[list[int]]) -> list[float]:
+    """Sample-weighted accuracy (%) on the seen experiences after each experience, from count matrices."""
+    out = []
+    for t, (c, n) in enumerate(zip(correct, total)):
+        out.append(100.0 * sum(c[: t + 1]) / max(1, sum(n[: t + 1])))
+    return out
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_ours(row: str, setup_npz: Path, seed: int, overrides: list[str], threads: int = 1) -> RunResult:
+    """Run ``cl train`` on the setup file in a subprocess and read its ``metrics.json``.
+
+    ``overrides`` hold the strategy and backbone keys of the row; the scenario keys are fixed here.
+    """
+    data = load_npz(setup_npz)
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "cl", "train", "scenario=npz", f"scenario.path={setup_npz}",
+                f"scenario.n_experiences={int(data['n_tasks'])}", "scenario.augment=false", f"seed={seed}",
+                f"run.dir={tmp}/run", "run.checkpoint=false", "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false", "trainer.logger=none", *overrides]
+        start = time.perf_counter()
+        proc = subprocess.run(argv, env=thread_env(threads), capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"cl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        metrics = json.loads(Path(tmp, "run", "metrics.json").read_text())
+    matrix = [[None if v is None else 100.0 * v for v in r] for r in metrics["accuracy_matrix"]]
+    shown = [a if " " not in a else repr(a) for a in argv[3:]]
+    return RunResult(row=row, side="ours", seed=seed, acc=seen_accuracy(metrics["correct"], metrics["total"]),
+                     wall_s=round(wall, 2), matrix=matrix, extra={"records": metrics.get("records", {})},
+                     command="cl " + " ".join(shown).replace(str(setup_npz), "SETUP.npz"))
