@@ -216,8 +216,16 @@ def run_ours(row: str, setup_npz: Path, seed: int, overrides: list[str], threads
         if proc.returncode != 0:
             raise RuntimeError(f"cl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         metrics = json.loads(Path(tmp, "run", "metrics.json").read_text())
-    matrix = [[None if v is None else 100.0 * v for v in r] for r in metrics["accuracy_matrix"]]
+    def pct(m: list[list[float | None]]) -> list[list[float | None]]:
+        return [[None if v is None else 100.0 * v for v in r] for r in m]
+
+    matrix = pct(metrics["accuracy_matrix"])
+    extra: dict[str, Any] = {"records": metrics.get("records", {})}
+    if metrics.get("til_accuracy_matrix"):  # task-incremental view (PRD's headline): mean over seen experiences
+        til = pct(metrics["til_accuracy_matrix"])
+        extra["til_matrix"] = til
+        extra["til_acc"] = [float(np.mean([v for v in r[: t + 1] if v is not None])) for t, r in enumerate(til)]
     shown = [a if " " not in a else repr(a) for a in argv[3:]]
     return RunResult(row=row, side="ours", seed=seed, acc=seen_accuracy(metrics["correct"], metrics["total"]),
-                     wall_s=round(wall, 2), matrix=matrix, extra={"records": metrics.get("records", {})},
+                     wall_s=round(wall, 2), matrix=matrix, extra=extra,
                      command="cl " + " ".join(shown).replace(str(setup_npz), "SETUP.npz"))
