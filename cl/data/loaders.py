@@ -36,8 +36,10 @@ class RankBatchSampler:
 
     def _tail(self) -> int:
         """Samples in the last, partial batch that is kept (``drop_last=False``): a multiple of the world size, so
-        every rank takes the same number of steps (up to ``world - 1`` samples are still dropped under DDP)."""
-        return 0 if self.drop_last else (self.n % self.batch) // self.world * self.world
+        every rank takes the same number of steps (up to ``world - 1`` samples are still dropped under DDP), and
+        at least two per rank (a training batch of one breaks BatchNorm; the official loaders would crash there)."""
+        share = 0 if self.drop_last else (self.n % self.batch) // self.world
+        return share * self.world if share >= 2 else 0
 
     def __len__(self) -> int:
         return self.n // self.batch + (1 if self._tail() else 0)
