@@ -1,0 +1,207 @@
+"""Official PRD (``naderAsadi/Probing-Continual-Learning@8b82d53``, ``methods/repe.py``) on the parity setup.
+
+    python benchmarks/parity/official/prd.py --row prd --setup SETUP.npz --seed 0 --out result.json
+
+PRD trains a CIFAR ResNet-18 from scratch (no pre-trained weights on either side). We run THEIR ``main.py``
+(``main()``: ``get_parser`` -> ``get_data_and_tfs`` -> ``SupConResNet`` -> ``RePE`` -> ``train``: the per-task epoch
+loop with ``adjust_learning_rate`` at every epoch start, ``agent.observe`` per batch, ``agent.eval_agent`` after the
+last epoch of each task, ``on_task_finish`` (teacher snapshot)) with the README's PRD command line scaled down;
+nothing of their code is copied or edited. What the shim swaps in at run time (``_install_shim``), and why:
+
+* **Missing packages**: ``wandb`` (imported by ``utils/logger.py`` and ``methods/base.py``, unused with
+  ``--wandb 0``) and ``fvcore`` (``methods/base.py``: ``FlopCountAnalysis``, only used by ``one_sample_flop``,
+  never called) are ``sys.modules`` stubs. ``kornia==0.6.1`` (the README's pinned version) is installed into the
+  harness venv: its augmentation pipeline is part of the method and runs UNCHANGED (``CIFAR.train_transforms``:
+  RandomCrop(32, pad 4, fill -1), h-flip, ColorJitter(0.4, 0.4, 0.4, p 0.8), RandomGrayscale(p 0.2)).
+* **Data**: ``data.base.CIFAR10`` (looked up by ``get_data_and_tfs`` at call time) is replaced by a subclass of
+  THEIR ``data.cifar.CIFAR`` (so ``train_transforms`` = their kornia pipeline, ``base/eval_transforms`` = None)
+  that serves the setup arrays exactly as their ``CIFAR10`` serves CIFAR: float tensors ``(x / 255 - 0.5) * 2``
+  in [-1, 1], ``__getitem__`` = their ``x.squeeze(), y``. The grey (N, 32, 32) images are **tiled to 3 channels**:
+  their ``ResNet`` hard-codes ``in_channel=3`` (``SupConResNet`` does not pass it), their ``__getitem__`` squeezes
+  a 1-channel image to (32, 32), and kornia's saturation/greyscale need 3 channels. On a grey image the three
+  tiled channels stay equal through the whole pipeline (measured: max channel difference 0; kornia's saturation
+  and hue go through HSV with s = 0, and greyscale weights sum to 1), so the 3-channel conv1 sees three copies of
+  one image; ours runs the same pixels as 1 channel (``scenario=npz`` serves them so). A conv with 3 tied input
+  channels equals a 1-channel conv whose kernel is the sum of the three; with BatchNorm right after conv1 the
+  function is scale-invariant in that kernel and SGD's relative (angular) update is the same as for one channel
+  of sqrt(3)-smaller std, so the two sides are equivalent in distribution (not bit-identical).
+  Labels are already class-order positions, so their ``ContinualSampler`` (``np.unique`` classes, task t = labels
+  2t, 2t+1) gives the setup's experiences. ``--dataset cifar10`` only selects that slot (``default_n_tasks`` 5).
+* **Loaders**: ``--num_workers 0`` (same batches; workers only cost start-up time on the 1-thread harness). Their
+  ``DataLoader`` keeps the last partial batch (``drop_last`` False; ours: ``data.drop_last=false``).
+* **Seed**: their ``set_seed(--seed)`` (NumPy, random, torch) as in their ``main``; parity is statistical over
+  seeds 0 1 2.
+* **Hyperparameters** (the README command, scaled down identically on both sides): resnet18 ``--nf 8`` (64-d
+  features), projection 64-64-32 (3 layers, no BN), ``--batch_size 32``, ``--lr 0.05`` (README 0.01: too slow for
+  8 epochs) = ``--prototypes_lr`` (their per-epoch ``adjust_learning_rate`` overwrites every group's lr anyway),
+  ``--n_epochs 5 --n_warmup_epochs 3`` (README 100 + 120), ``--lr_decay_epochs 4,6`` (README 120,160: decay
+  inside the first task's warm-up, as there), ``--supcon_temperature 0.1 --distill_coef 4 --prototypes_coef 2
+  --distill_temp 1``, momentum 0.9 and weight decay 1e-4 (their defaults), ``--use_augs 1``.
+* **Evaluation**: THEIR ``eval_agent`` with ``--task_incremental 1 --singlelinear_eval 1 --keep_training_data 0``
+  (the README's setting: per-task accuracy, argmax over that task's prototypes) gives the task-IL rows
+  (``extra["til_matrix"]``, ``extra["til_acc"]`` = mean over seen tasks, as their ``Avg Acc``). ``RePE.eval_agent``
+  is wrapped (at class level, calling the original first) to also compute, from THEIR model in the eval mode their
+  ``evaluate`` left it in, the class-IL accuracy restricted to the seen classes (cosine of
+  ``model.return_hidden(x)`` to the L2-normalised prototypes of the seen tasks, as their ``_classify_CI`` but
+  without future tasks' untrained rows) = ``acc`` / ``matrix``, and their own ``_classify_CI`` over all 10
+  prototype rows (``extra["cil_all_protos_acc"]``, what ``--task_incremental 0`` reports).
+* **Logs**: their ``Logger`` writes ``params.json`` / ``db.pickle`` under ``--log_path`` in the temporary cwd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from dataclasses import asdict
+from pathlib import Path
+
+#: the values shared by both sides (one place, so the two command lines cannot drift apart)
+_HP = {"nf": 8, "proj_hidden": 64, "proj_dim": 32, "batch_size": 32, "lr": 0.05, "epochs": 5, "warmup": 3,
+       "milestones": [4, 6], "temperature": 0.1, "lambda_d": 4.0, "lambda_p": 2.0, "distill_t": 1.0}
+
+#: rows of the parity table: our ``cl train`` overrides and the official runner's arguments, the same values
+ROWS: dict[str, dict] = {
+    "prd": {
+        "ours": ["strategy=prd", "backbone=resnet18_cifar", f"backbone.nf={_HP['nf']}",
+                 f"strategy.lr={_HP['lr']}", "strategy.momentum=0.9", "strategy.weight_decay=0.0001",
+                 f"strategy.epochs={_HP['epochs']}", f"strategy.warmup_epochs={_HP['warmup']}",
+                 f"strategy.lr_milestones=[{','.join(map(str, _HP['milestones']))}]", "strategy.lr_gamma=0.1",
+                 "strategy.proto_momentum=0.0", "strategy.proto_weight_decay=0.0",
+                 f"strategy.temperature={_HP['temperature']}", "strategy.base_temperature=0.07",
+                 f"strategy.lambda_p={_HP['lambda_p']}", f"strategy.lambda_d={_HP['lambda_d']}",
+                 f"strategy.distill_temperature={_HP['distill_t']}", "strategy.teacher_eval=false",
+                 f"strategy.proj_hidden={_HP['proj_hidden']}", f"strategy.proj_dim={_HP['proj_dim']}",
+                 "strategy.proj_layers=3", "strategy.augment=true", "strategy.crop_pad=4", "strategy.jitter=0.4",
+                 "strategy.jitter_p=0.8", "strategy.grayscale_p=0.2", "strategy.input_convention=pm1",
+                 f"data.batch_size={_HP['batch_size']}", "data.drop_last=false"],
+        "official": dict(_HP),
+    },
+}
+
+
+def _install_shim(setup_path: str) -> None:
+    """Stub the unused packages and route their CIFAR10 slot to the setup arrays (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = wandb.log = wandb.finish = wandb.login = lambda *a, **k: None
+    wandb.config = types.SimpleNamespace(update=lambda *a, **k: None)
+    sys.modules["wandb"] = wandb
+    fvcore = types.ModuleType("fvcore")
+    fvcore_nn = types.ModuleType("fvcore.nn")
+    fvcore_nn.FlopCountAnalysis = None  # only used by Method.one_sample_flop, never called
+    fvcore.nn = fvcore_nn
+    sys.modules["fvcore"], sys.modules["fvcore.nn"] = fvcore, fvcore_nn
+
+    import data.base as dbase
+    from data.cifar import CIFAR
+
+    arrays = np.load(setup_path)
+
+    class SetupArrays(CIFAR, torch.utils.data.Dataset):
+        """The setup's grey images as THEIR CIFAR10 serves CIFAR: [-1, 1] floats, tiled to 3 channels."""
+
+        default_n_tasks = int(arrays["n_tasks"])
+
+        def __init__(self, root=None, train=True, transform=None, download=False):
+            x = arrays["train_x" if train else "test_x"]
+            self.data = torch.from_numpy(x).float()[:, None].repeat(1, 3, 1, 1)
+            self.data = (self.data / 255.0 - 0.5) * 2.0
+            self.targets = np.asarray(arrays["train_y" if train else "test_y"], dtype=np.int64)
+            self.transform = transform
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+        def __getitem__(self, index):  # as their CIFAR10.__getitem__
+            x, y = self.data[index], self.targets[index]
+            if self.transform is not None:
+                x = self.transform(x)
+            return x.squeeze(), y
+
+    dbase.CIFAR10 = SetupArrays
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--row", required=True)
+    ap.add_argument("--setup", required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    spec = ROWS[a.row]["official"]
+
+    from benchmarks.parity.common import RunResult, official_source, seen_accuracy
+
+    src = official_source("prd")
+    sys.path.insert(0, str(src))
+    _install_shim(a.setup)
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import methods.repe as repe
+
+    test = np.load(a.setup)
+    n_tasks, cpt = int(test["n_tasks"]), int(test["classes_per_task"])
+    tx = (torch.from_numpy(test["test_x"]).float()[:, None].repeat(1, 3, 1, 1) / 255.0 - 0.5) * 2.0
+    ty = torch.from_numpy(np.asarray(test["test_y"], dtype=np.int64))
+    til_rows: list[list[float]] = []
+    correct: list[list[int]] = []
+    total: list[list[int]] = []
+    all_protos_acc: list[float] = []
+    proto_norms: list[list[float]] = []
+    original = repe.RePE.eval_agent
+
+    def eval_agent(self, loader, task, mode="valid"):
+        accs = original(self, loader, task, mode)  # THEIR task-IL evaluation; leaves the model in eval mode
+        til_rows.append([float(v) for v in accs])
+        with torch.no_grad():
+            self.model.eval()
+            h = torch.cat([self.model.return_hidden(tx[i:i + 500]) for i in range(0, len(tx), 500)])
+            heads = [self.prototypes.heads[str(t)].weight for t in range(n_tasks)]
+            seen = F.normalize(torch.cat(heads[: task + 1]), dim=1)
+            pred = (F.normalize(h, dim=1) @ seen.T).argmax(1)
+            pred_all = self._classify_CI(h).argmax(1)  # their class-IL head: every prototype row, future included
+        mask = ty < (task + 1) * cpt
+        all_protos_acc.append(100.0 * float((pred_all[mask] == ty[mask]).float().mean()))
+        correct.append([int(((pred == ty) & (ty // cpt == j)).sum()) for j in range(n_tasks)])
+        total.append([int((ty // cpt == j).sum()) for j in range(n_tasks)])
+        proto_norms.append([round(float(w.norm()), 6) for w in heads[: task + 1]])
+        return accs
+
+    repe.RePE.eval_agent = eval_agent
+
+    log_dir = Path("outputs").resolve()
+    sys.argv = ["main.py", "--method=repe", "--dataset=cifar10", "--data_root=unused", "--model=resnet18",
+                f"--nf={spec['nf']}", "--use_augs=1", f"--projection_size={spec['proj_dim']}",
+                f"--projection_hidden_size={spec['proj_hidden']}", "--task_incremental=1", "--keep_training_data=0",
+                "--multilinear_eval=0", "--singlelinear_eval=1", f"--n_tasks={n_tasks}",
+                f"--n_epochs={spec['epochs']}", f"--n_warmup_epochs={spec['warmup']}",
+                f"--batch_size={spec['batch_size']}", f"--lr={spec['lr']}",
+                f"--supcon_temperature={spec['temperature']}", f"--distill_coef={spec['lambda_d']}",
+                f"--prototypes_coef={spec['lambda_p']}", f"--prototypes_lr={spec['lr']}",
+                f"--distill_temp={spec['distill_t']}", f"--lr_decay_epochs={','.join(map(str, spec['milestones']))}",
+                "--num_workers=0", f"--seed={a.seed}", f"--log_path={log_dir}/", "--snapshot_path=snapshots/"]
+    import main as official_main
+
+    official_main.main()
+
+    matrix = [[100.0 * c[j] / n[j] if j <= i else None for j in range(n_tasks)]
+              for i, (c, n) in enumerate(zip(correct, total))]
+    til_matrix = [[v if j <= i else None for j, v in enumerate(r)] for i, r in enumerate(til_rows)]
+    res = RunResult(row=a.row, side="official", seed=a.seed, acc=seen_accuracy(correct, total), wall_s=0.0,
+                    matrix=matrix,
+                    extra={"til_matrix": til_matrix,
+                           "til_acc": [float(np.mean(r[: i + 1])) for i, r in enumerate(til_rows)],
+                           "cil_all_protos_acc": all_protos_acc, "proto_norms": proto_norms})
+    import json
+
+    Path(a.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
