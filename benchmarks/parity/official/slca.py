@@ -15,13 +15,15 @@ runs ``incremental_train`` (stage 1 slow learner, class statistics, classifier a
   ``named_apply``, ``adapt_input_conv``, ``PatchEmbed``, ``Mlp``, ``DropPath``, ``trunc_normal_``,
   ``lecun_normal_``, ``register_model``), so only their deprecation warnings are silenced. ``register_model`` of
   timm 1.0 accepts their ``vit_*`` names (it warns about overwriting timm's own registrations: harmless, we never
-  build by name). ``scipy`` (``models/base.py``) is installed.
+  build by name). ``convs/linears.py`` imports ``timm.models.layers.weight_init``, which timm 1.0 no longer
+  has: it is aliased to ``timm.layers.weight_init`` in ``sys.modules``. ``scipy`` (``models/base.py``) is in
+  the main Python already; nothing is installed for this row.
 * **Backbone**: ``utils.inc_net.get_convnet`` (the ``vit-b-p16`` factory, ``vit_base_patch16_224_in21k``:
   ViT-B/16 with ImageNet-21k weights from the internet) is replaced by a factory that builds THEIR
   ``convs.vits.VisionTransformer`` at the tiny size of the setup (img 32, patch 4, in_chans 1, width 64, depth 4,
   heads 2, mlp 4, qkv_bias, ``num_classes=0``), loads the committed pre-trained weights
-  (``assets/backbones/vit_p4_w64_d4_fmnist.pt``: timm key names = their key names, loaded strictly except the
-  final ``norm``), then does what their factory does after loading: ``del model.head; del model.norm;
+  (``assets/backbones/vit_p4_w64_d4_fmnist.pt``: timm key names are their key names, every key matches), then
+  does what their factory does after loading: ``del model.head; del model.norm;
   model.norm = nn.LayerNorm(embed_dim)`` (a fresh LayerNorm, eps 1e-5, like ours). Their ``Attention`` and
   ``Block`` are the timm-0.5.4 ones, numerically identical to timm 1.0's for these weights (checked: features of
   both models agree to 1e-6 before the norm swap).
@@ -62,7 +64,8 @@ from pathlib import Path
 #: rows of the parity table: our ``cl train`` overrides and the official runner's arguments, the same values
 ROWS: dict[str, dict] = {
     "slca": {
-        "ours": ["strategy=slca", "backbone=vit_p4_w64_d4", "backbone.checkpoint=assets/backbones/vit_p4_w64_d4_fmnist.pt",
+        "ours": ["strategy=slca", "backbone=vit_p4_w64_d4",
+                 "backbone.checkpoint=assets/backbones/vit_p4_w64_d4_fmnist.pt",
                  "strategy.lr=0.01", "strategy.bcb_lrscale=0.01", "strategy.momentum=0.9",
                  "strategy.weight_decay=0.0005", "strategy.epochs=3", "strategy.milestones=[2]",
                  "strategy.lr_decay=0.1", "strategy.ca_epochs=2", "strategy.ca_samples_per_class=256",
@@ -189,7 +192,8 @@ def main() -> None:
     targs = {"prefix": "parity", "dataset": "parity_setup", "memory_size": 0, "memory_per_class": 0,
              "fixed_memory": False, "shuffle": False, "init_cls": spec["init_cls"], "increment": spec["increment"],
              "model_name": "slca_parity", "model_postfix": f"seed{args.seed}", "convnet_type": "vit-b-p16",
-             "device": ["cpu"], "seed": args.seed, "run_id": 0, "epochs": spec["epochs"], "ca_epochs": spec["ca_epochs"],
+             "device": ["cpu"], "seed": args.seed, "run_id": 0, "epochs": spec["epochs"],
+             "ca_epochs": spec["ca_epochs"],
              "ca_with_logit_norm": spec["ca_with_logit_norm"], "milestones": list(spec["milestones"]),
              "lr": spec["lr"], "bcb_lrscale": spec["bcb_lrscale"]}
     final, avg = trainer._train(targs)
