@@ -55,10 +55,13 @@ def print_config_help(overrides: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cl.config import describe, parse_overrides
+    from cl.config import _imports, describe, parse_overrides
+    from cl.registry import import_modules
 
     names = {}
-    for item in parse_overrides([o for o in overrides if "=" in o]):
+    items = parse_overrides([o for o in overrides if "=" in o])
+    import_modules(_imports({}, items))
+    for item in items:
         key, value = item.split("=", 1)
         if key.endswith(".name") and key.count(".") == 1:
             names[key.split(".")[0]] = value
@@ -126,13 +129,26 @@ def print_results(results: object) -> None:
 
 @command("list")
 def cmd_list(args: list[str]) -> int:
-    from cl.registry import BACKBONES, SCENARIOS, STRATEGIES
+    """Registered entries with a one-line description and where each comes from (``imports=...`` adds yours)."""
+    from cl.config import _imports, parse_overrides
+    from cl.registry import BACKBONES, SCENARIOS, STRATEGIES, import_modules
 
+    config, overrides, _ = split_args(args)
+    file_cfg = {}
+    if config:
+        from cl.config import load_yaml
+
+        file_cfg = load_yaml(config)
+    import_modules(_imports(file_cfg, parse_overrides(overrides)))
     for title, reg in (("strategies", STRATEGIES), ("scenarios", SCENARIOS), ("backbones", BACKBONES)):
         print(f"{title}:")
         for name, entry in reg.items():
             doc = getattr(entry, "description", "") or (entry.__doc__ or "").strip().splitlines()[0:1]
-            print(f"  {name:<22} {doc if isinstance(doc, str) else ''.join(doc)}")
+            doc = doc if isinstance(doc, str) else "".join(doc)
+            origin = reg.origin(name)
+            print(f"  {name:<22} {doc}" + ("" if origin == "built-in" else f"  [{origin}]"))
+    print("Entries without a [source] are built in. Yours: imports=[module], an installed package's "
+          "'cl.plugins' entry point, or an import path as the name (strategy=module:Class).")
     return 0
 
 

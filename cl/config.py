@@ -89,7 +89,9 @@ class TrainerConfig:
     """Arguments passed to every ``pytorch_lightning.Trainer`` the runner creates (one per training phase)."""
 
     accelerator: str = opt("auto", "cpu | gpu | auto")
-    devices: Any = opt(1, "number of devices (or a list of ids)")
+    devices: Any = opt("auto", "devices per node: a number, a list of GPU ids, auto or -1 (auto = the launcher's "
+                               "processes per node under torchrun/srun; else 1, or with trainer.strategy=ddp every "
+                               "visible GPU; -1 = every GPU, or every CPU core)")
     num_nodes: int = opt(1, "number of nodes", ge=1)
     strategy: str = opt("auto", "auto | ddp | ddp_find_unused_parameters_true")
     precision: str = opt("32-true", "Lightning precision: 32-true | bf16-mixed | 16-mixed")
@@ -138,6 +140,8 @@ class FPFConfig:
 
 @dataclass
 class RootConfig:
+    imports: list[str] = opt(default_factory=list, help="your modules to import first, so their decorators "
+                             "register strategies, scenarios, backbones and callbacks: [mylab.methods]")
     seed: int = opt(0, "seeds Python, NumPy and torch on every rank")
     resume: str = opt("never", "never | auto: continue an unfinished run in the run directory",
                       choices=("never", "auto"))
@@ -148,6 +152,9 @@ class RootConfig:
     trainer: TrainerConfig = opt(default_factory=TrainerConfig)
     run: RunConfig = opt(default_factory=RunConfig)
     fpf: FPFConfig = opt(default_factory=FPFConfig)
+    callbacks: list[Any] = opt(default_factory=list, help="extra callbacks by import path, each `module:Class` or "
+                               "{class: module:Class, <init arg>: value}: Lightning callbacks join every Trainer, "
+                               "cl.callbacks.CLCallback ones the experience loop")
 
 
 def _entry_config_cls(section: str, name: str) -> type:
@@ -222,11 +229,37 @@ def _selected_name(section: str, file_cfg: dict, overrides: list[str], default: 
     return str(name)
 
 
+def _imports(file_cfg: dict, overrides: list[str]) -> list[str]:
+    """The ``imports`` list from the file, replaced by a command-line ``imports=`` (a name or a [list])."""
+    value: Any = file_cfg.get("imports")
+    for i, item in enumerate(overrides):
+        key, raw = item.split("=", 1)
+        if key == "imports":
+            if not raw.strip().startswith("["):
+                raw = f"[{raw}]"
+                overrides[i] = f"imports={raw}"
+            try:
+                value = OmegaConf.to_container(OmegaConf.from_dotlist([f"imports={raw}"]))["imports"]
+            except OmegaConfBaseException:
+                raise ConfigError(f"invalid value for 'imports': {raw} (a module name or [a.b, c.d])") from None
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+        file_cfg["imports"] = value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"invalid value for 'imports': {value!r} (a list of module names)")
+    return value
+
+
 def build_config(config_path: str | None = None, overrides: list[str] | None = None,
                  root_cls: type = RootConfig) -> DictConfig:
     """Build, merge and validate the config. Raises :class:`ConfigError` with one readable line on any mistake."""
+    from cl.registry import import_modules
+
     overrides = parse_overrides(list(overrides or []))
     file_cfg = load_yaml(config_path) if config_path else {}
+    import_modules(_imports(file_cfg, overrides))  # before any name is looked up: they register entries
     schema = OmegaConf.structured(root_cls)
     OmegaConf.set_struct(schema, False)
     defaults = {"strategy": "finetune", "scenario": "split_digits", "backbone": "mlp"}
@@ -250,7 +283,41 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {_first_line(str(err))}") from None
     validate(cfg)
+    if "callbacks" in cfg:
+        for spec in cfg.callbacks:
+            callback_spec(spec)
     return cfg
+
+
+def callback_spec(spec: Any) -> tuple[type, dict[str, Any]]:
+    """(class, init kwargs) of one ``callbacks`` item, checked: an importable Lightning or CL callback class whose
+    signature accepts the kwargs. Raises :class:`ConfigError` naming the item."""
+    import inspect
+
+    import pytorch_lightning as pl
+
+    from cl.callbacks.base import CLCallback
+    from cl.registry import is_import_path, load_object
+
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, str):
+        path, kwargs = spec, {}
+    elif isinstance(spec, dict) and isinstance(spec.get("class"), str):
+        kwargs = {k: v for k, v in spec.items() if k != "class"}
+        path = spec["class"]
+    else:
+        raise ConfigError(f"invalid callbacks item {spec!r}: give module:Class or {{class: module:Class, arg: value}}")
+    if not is_import_path(path):
+        raise ConfigError(f"callbacks: '{path}' is not an import path of the form module:Class")
+    cls = load_object(path, "callback")
+    if not (isinstance(cls, type) and issubclass(cls, (pl.Callback, CLCallback))):
+        raise ConfigError(f"callbacks: '{path}' is not a pytorch_lightning.Callback or cl CLCallback subclass")
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"callbacks: '{path}' does not accept {sorted(kwargs)}: {err}") from None
+    return cls, kwargs
 
 
 def _drop_foreign_file_keys(file_cfg: dict, section: str, name: str, default: str, cls: type,

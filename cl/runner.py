@@ -171,8 +171,13 @@ def check_pretrained_convention(cfg: DictConfig, backbone: nn.Module, convention
 def run_dir_for(cfg: DictConfig) -> Path:
     if cfg.run.dir:
         return Path(cfg.run.dir)
-    parts = [cfg.run.root, cfg.scenario.name, cfg.strategy.name] + ([cfg.run.name] if cfg.run.name else [])
-    return Path(*parts, f"seed{cfg.seed}")
+    parts = [cfg.run.root, _path_part(cfg.scenario.name), _path_part(cfg.strategy.name)]
+    return Path(*parts, *([cfg.run.name] if cfg.run.name else []), f"seed{cfg.seed}")
+
+
+def _path_part(name: str) -> str:
+    """A registered name as is; an import path (``mylab.methods:MyStrategy``) without the colon Windows refuses."""
+    return str(name).replace(":", ".")
 
 
 def quiet_lightning() -> None:
@@ -188,6 +193,7 @@ class Runner:
     def __init__(self, cfg: DictConfig, argv: list[str] | None = None) -> None:
         self.cfg = cfg
         self.argv = argv
+        self._callbacks: list[Any] | None = None
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> Results:
@@ -212,6 +218,7 @@ class Runner:
         start = self._prepare_run_dir(run_dir, dist)
         model = build_strategy(cfg, scenario)
         callbacks: list[CLCallback] = [cb() for cb in CALLBACKS if cb.enabled(cfg)]
+        callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, CLCallback)]
         ctx = RunContext(cfg, scenario, dist, dist.device, run_dir, model, loggers=self._loggers(run_dir, dist))
         if start is not None:
             start = self._restore(start, model, callbacks, ctx)
@@ -264,8 +271,9 @@ class Runner:
         dm = ExperienceDataModule(data, phase.batch_size or cfg.data.batch_size, ctx.dist.rank, ctx.dist.world_size,
                                   seed=ctx.seed_for(f"fit{k}/{phase.name}"), num_workers=cfg.data.num_workers,
                                   drop_last=drop_last(cfg, type(model)))
-        trainer = make_trainer(cfg, epochs, [c for cb in callbacks for c in cb.trainer_callbacks(ctx)],
-                               ctx.loggers, ctx.run_dir)
+        pl_callbacks = [c for cb in callbacks for c in cb.trainer_callbacks(ctx)]
+        pl_callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, pl.Callback)]
+        trainer = make_trainer(cfg, epochs, pl_callbacks, ctx.loggers, ctx.run_dir)
         trainer.fit(model, datamodule=dm)
 
     def _evaluate(self, model: CLStrategy, exps: list[Experience], exp: Experience, callbacks: list[CLCallback],
@@ -273,6 +281,15 @@ class Runner:
         results = evaluate(model, exps, ctx.dist, ctx.device, self.cfg.data.eval_batch_size)
         for cb in callbacks:
             cb.on_evaluated(exp, results, ctx)
+
+    def _user_callbacks(self) -> list[Any]:
+        """The ``callbacks`` config items, instantiated once per run (a Lightning callback keeps its state across
+        the run's Trainers, as it would across epochs of one fit)."""
+        if self._callbacks is None:
+            from cl.config import callback_spec
+
+            self._callbacks = [cls(**kwargs) for cls, kwargs in map(callback_spec, self.cfg.get("callbacks", []))]
+        return self._callbacks
 
     def _loggers(self, run_dir: Path, dist: distributed.Dist) -> list[Any]:
         kind = self.cfg.trainer.logger
