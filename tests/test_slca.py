@@ -200,6 +200,61 @@ def test_alignment_lifts_old_class_accuracy_and_backup_is_restored_bit_for_bit(t
     assert torch.equal(fresh.bank.factors, model.bank.factors) and torch.equal(fresh.bank.means, model.bank.means)
 
 
+class CountingBackbone(FlatBackbone):
+    """FlatBackbone that counts its forward calls (the cost the evaluation's feature cache saves)."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_eval_passes_share_one_backbone_forward_per_batch(tmp_path):
+    # the evaluation runs `main` and `unaligned` on each batch: one backbone forward, the same numbers as two
+    from cl.evaluation import evaluate
+
+    torch.manual_seed(0)
+    scenario = _gaussian_stream()
+    cfg = section(build_config(None, ["strategy=slca", "strategy.ca_epochs=1", "strategy.ca_samples_per_class=16",
+                                      "strategy.record_old_new=false"]), "strategy")
+    model = SLCA(cfg, CountingBackbone(8), scenario.n_classes)
+    ctx = _ctx(model, scenario, tmp_path)
+    for exp in scenario.experiences:
+        ctx.exp_index = exp.index
+        model.on_experience_start(exp, ctx)
+        _stage1(model, exp, ctx, epochs=2)
+        model.on_experience_end(exp, ctx)
+    assert model.backup is not None  # aligned and unaligned heads differ: the two passes are distinct
+    model.backbone.calls = 0
+    res = evaluate(model, scenario.experiences, Dist(), torch.device("cpu"), batch_size=60)
+    batches = sum(-(-len(e.test) // 60) for e in scenario.experiences)
+    assert model.backbone.calls == batches, "one backbone forward per test batch for both passes"
+    model.eval()
+    with torch.no_grad():  # reference without the cache: each pass on its own copy of every batch
+        exps = scenario.experiences
+        x = model.eval_transform(torch.cat([e.test.source.batch(torch.as_tensor(e.test.indices)) for e in exps]))
+        y = torch.cat([torch.as_tensor(e.test.targets) for e in exps])
+        main, unaligned = model(x.clone()), model.unaligned_logits(x.clone())
+    assert not torch.equal(main.argmax(1), unaligned.argmax(1))
+    for name, z in (("main", main), ("unaligned", unaligned)):
+        assert sum(res[name].correct) == int((z.argmax(1) == y).sum()), name
+    # a batch changed in place, training mode or autograd recompute
+    xb = x[:8].clone()
+    with torch.no_grad():
+        before = model(xb)
+        xb.mul_(2)
+        torch.testing.assert_close(model.unaligned_logits(xb), torch.cat(
+            [torch.nn.functional.linear(xb.flatten(1) * model.backbone.scale, w, b) for w, b in model.backup], dim=1))
+        assert not torch.equal(model(xb), before)
+    n = model.backbone.calls
+    model(xb)  # grad enabled
+    model.train()
+    with torch.no_grad():
+        model(xb)
+    assert model.backbone.calls == n + 2
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_fresh_norm_and_two_learning_rates():
     cfg = build_config(None, ["strategy=slca", "backbone=vit", "backbone.width=16", "backbone.depth=1",
@@ -254,6 +309,23 @@ def test_paper_presets_load_and_need_weights_offline():
 
     with pytest.raises(UserError, match="cannot load pretrained weights"):
         build_backbone(section(cfg, "backbone"), (3, 224, 224))
+
+
+def test_paper_presets_seed_names_the_papers_class_order_runs():
+    # the official runs differ in class order only (PyCIL seeds 1993, 1996, 1997): seed=N selects order N
+    from cl.runner import run_dir_for
+    from scenarios.base import pycil_permutation
+
+    for name in PAPER:
+        path = str(REPO / "configs" / "slca" / f"{name}.yaml")
+        default = build_config(path)
+        assert default.seed == default.scenario.order_seed == 1993
+        runs = [build_config(path, [f"seed={s}"]) for s in (1993, 1996, 1997)]
+        assert [c.scenario.order_seed for c in runs] == [1993, 1996, 1997]
+        assert len({run_dir_for(c) for c in runs}) == 3  # no run directory clash between the paper's runs
+        fixed = build_config(path, ["seed=1", "scenario.order_seed=1996"])  # a literal torch.manual_seed(1)
+        assert (fixed.seed, fixed.scenario.order_seed) == (1, 1996)
+    assert pycil_permutation(100, 1996) != pycil_permutation(100, 1993)
 
 
 def test_paper_preset_stops_with_one_line_error():
