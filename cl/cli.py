@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from cl.errors import UserError
 
 USAGE = """usage: cl <command> [config=PATH] [key=value ...]
@@ -51,29 +53,42 @@ def split_args(args: list[str]) -> tuple[str | None, list[str], list[str]]:
     return config, overrides, flags
 
 
-def print_config_help(overrides: list[str]) -> None:
+def print_config_help(overrides: list[str], config: str | None = None) -> None:
+    """Every key with its default and help; with ``config=`` (and overrides) also the value this run would use."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from cl.config import _imports, describe, parse_overrides
+    from cl.config import _imports, build_config, describe, parse_overrides
     from cl.registry import import_modules
 
     names = {}
     items = parse_overrides([o for o in overrides if "=" in o])
-    import_modules(_imports({}, items))
+    cfg = build_config(config, items) if config else None  # a mistake in the file is the usual one-line error
+    import_modules(cfg.imports if cfg is not None else _imports({}, items))
     for item in items:
         key, value = item.split("=", 1)
         if key.endswith(".name") and key.count(".") == 1:
             names[key.split(".")[0]] = value
+    if cfg is not None:
+        names = {sec: str(cfg[sec].name) for sec in ("strategy", "scenario", "backbone")}
     sel = {"strategy": "finetune", "scenario": "split_digits", "backbone": "mlp", **names}
-    table = Table(title=f"cl train keys (strategy={sel['strategy']}, scenario={sel['scenario']}, "
-                        f"backbone={sel['backbone']})")
-    for col in ("key", "default", "help"):
+    title = f"cl train keys (strategy={sel['strategy']}, scenario={sel['scenario']}, backbone={sel['backbone']})"
+    table = Table(title=title + (f" with {config}" if config else ""))
+    for col in ("key", "default", *(["value"] if cfg is not None else []), "help"):
         table.add_column(col)
     for key, default, help_ in describe(names=sel):
-        table.add_row(key, default, help_)
+        key, default, help_ = escape(key), escape(default), escape(help_)  # "[0, 1]" in help is not markup
+        if cfg is None:
+            table.add_row(key, default, help_)
+            continue
+        value = OmegaConf.select(cfg, key)
+        shown = OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else (
+            value if isinstance(value, str) else repr(value))
+        table.add_row(key, default, escape(shown) if escape(shown) != default else "", help_)
     Console().print(table)
-    print("Order: defaults < config=FILE < key=value. `strategy=NAME` also brings that strategy's keys.")
+    print("Order: defaults < config=FILE < key=value. `strategy=NAME` also brings that strategy's keys."
+          + (" The value column is empty where it equals the default." if cfg is not None else ""))
 
 
 @command("train")
@@ -84,7 +99,7 @@ def cmd_train(args: list[str]) -> int:
 
     config, overrides, flags = split_args(args)
     if "--help" in flags or "-h" in args:
-        print_config_help(overrides)
+        print_config_help([o for o in overrides if o != "-h"], config)
         return 0
     sweep_file = next((o.split("=", 1)[1] for o in overrides if o.startswith("sweep=")), None)
     runs = expand([o for o in overrides if not o.startswith("sweep=")], sweep_file)
@@ -136,9 +151,9 @@ def cmd_list(args: list[str]) -> int:
     config, overrides, _ = split_args(args)
     file_cfg = {}
     if config:
-        from cl.config import load_yaml
+        from cl.config import load_yaml, resolve_config_path
 
-        file_cfg = load_yaml(config)
+        file_cfg = load_yaml(resolve_config_path(config))
     import_modules(_imports(file_cfg, parse_overrides(overrides)))
     for title, reg in (("strategies", STRATEGIES), ("scenarios", SCENARIOS), ("backbones", BACKBONES)):
         print(f"{title}:")
@@ -147,6 +162,10 @@ def cmd_list(args: list[str]) -> int:
             doc = doc if isinstance(doc, str) else "".join(doc)
             origin = reg.origin(name)
             print(f"  {name:<22} {doc}" + ("" if origin == "built-in" else f"  [{origin}]"))
+    from cl.config import preset_names
+
+    print("presets (config=NAME, from any folder):")
+    print("  " + " ".join(preset_names()))
     print("Entries without a [source] are built in. Yours: imports=[module], an installed package's "
           "'cl.plugins' entry point, or an import path as the name (strategy=module:Class).")
     return 0

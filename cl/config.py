@@ -26,9 +26,13 @@ SHORTCUT_SECTIONS = ("strategy", "scenario", "backbone")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None, gt: float | None = None,
-        choices: tuple[Any, ...] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with help text and simple value constraints checked by :func:`validate`."""
-    meta = {"help": help, "ge": ge, "gt": gt, "choices": choices}
+        choices: tuple[Any, ...] | None = None, default_factory: Any = dataclasses.MISSING, path: bool = False) -> Any:
+    """A dataclass field with help text and simple value constraints checked by :func:`validate`.
+
+    ``path=True`` marks a file or folder the run reads: a relative value written in a config file resolves against
+    that file's folder when it exists there, else against the working directory (:func:`build_config`).
+    """
+    meta = {"help": help, "ge": ge, "gt": gt, "choices": choices, "path": path}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,12 +75,12 @@ class BackboneConfig:
 
     name: str = opt("mlp", "registered backbone name or timm:<model> (`cl list`)")
     pretrained: bool = opt(False, "load pretrained weights (timm download; fails fast offline)")
-    checkpoint: str | None = opt(None, "path to a local state dict / `cl pretrain` checkpoint to load")
+    checkpoint: str | None = opt(None, "path to a local state dict / `cl pretrain` checkpoint to load", path=True)
 
 
 @dataclass
 class DataConfig:
-    root: str = opt("data", "root folder of local data sets (env CL_DATA_ROOT overrides the default)")
+    root: str = opt("data", "root folder of local data sets (env CL_DATA_ROOT overrides the default)", path=True)
     batch_size: int = opt(32, "global training batch size (split evenly across DDP ranks)", ge=1)
     eval_batch_size: int = opt(256, "evaluation batch size per rank", ge=1)
     num_workers: int = opt(0, "DataLoader workers for file-backed data sets (tensor data sets use none)", ge=0)
@@ -187,8 +191,37 @@ def parse_overrides(items: list[str]) -> list[str]:
     return out
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a config file into a plain dict, expanding the section shortcuts (``strategy: slca``)."""
+#: where packaged presets live: the checkout's ``configs/`` (source and editable installs), then the copy a wheel
+#: carries inside the package (setup.py maps configs/ and assets/ to ``cl/_presets/``, keeping their relative layout)
+_HERE = Path(__file__).resolve().parent
+PRESET_DIRS = (_HERE.parent / "configs", _HERE / "_presets" / "configs")
+
+
+def resolve_config_path(arg: str | os.PathLike) -> Path:
+    """A ``config=`` argument as a file: a path (with or without ``.yaml``), else a packaged preset (``slca/cpu``)."""
+    p = Path(arg)
+    candidates = [p, p.with_name(p.name + ".yaml")]
+    if not p.is_absolute():
+        for base in PRESET_DIRS:
+            candidates += [base / p, base / (str(p) + ".yaml")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"config file '{arg}' does not exist (nor is it a packaged preset; `cl list` names them)")
+
+
+def preset_names() -> list[str]:
+    """Packaged presets by the name ``config=`` takes (``quickstart``, ``slca/cpu``, ...)."""
+    base = next((b for b in PRESET_DIRS if b.is_dir()), None)
+    return sorted(str(f.relative_to(base).with_suffix("")) for f in base.rglob("*.yaml")) if base else []
+
+
+def load_yaml(path: str | os.PathLike, bases: dict[str, Path] | None = None) -> dict:
+    """Read a config file into a plain dict, expanding the section shortcuts (``strategy: slca``).
+
+    ``bases`` (when given) receives, for every dotted key, the folder of the file that set it last (``extends:``
+    parents first), so relative paths resolve against the file they were written in.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
@@ -200,14 +233,42 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must contain a mapping of keys, not {type(data).__name__}")
-    base = data.pop("extends", None)
-    if base is not None:
-        parent = load_yaml((p.parent / base) if not Path(base).is_absolute() else base)
-        data = _deep_merge(parent, data)
     for sec in SHORTCUT_SECTIONS:
         if isinstance(data.get(sec), str):
             data[sec] = {"name": data[sec]}
+    base = data.pop("extends", None)
+    own = data
+    if base is not None:
+        parent = load_yaml((p.parent / base) if not Path(base).is_absolute() else base, bases)
+        data = _deep_merge(parent, data)
+    if bases is not None:
+        folder = p.resolve().parent
+        bases.update({key: folder for key in _leaf_keys(own)})
     return data
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _resolve_file_paths(file_cfg: dict, bases: dict[str, Path], schema: DictConfig) -> None:
+    """Relative ``path=True`` values from config files: against the file's folder when the target exists there,
+    else left relative (the working directory). The config written to the run records the resolved path."""
+    for sec in schema:
+        node = schema[sec]
+        cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if cls is None or not dataclasses.is_dataclass(cls) or not isinstance(file_cfg.get(sec), dict):
+            continue
+        for f in dataclasses.fields(cls):
+            value = file_cfg[sec].get(f.name)
+            key = f"{sec}.{f.name}"
+            if not f.metadata.get("path") or not isinstance(value, str) or key not in bases:
+                continue
+            if value and not Path(value).expanduser().is_absolute() and (bases[key] / value).exists():
+                file_cfg[sec][f.name] = str((bases[key] / value).resolve())
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -258,7 +319,8 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
     from cl.registry import import_modules
 
     overrides = parse_overrides(list(overrides or []))
-    file_cfg = load_yaml(config_path) if config_path else {}
+    bases: dict[str, Path] = {}
+    file_cfg = load_yaml(resolve_config_path(config_path), bases) if config_path else {}
     import_modules(_imports(file_cfg, overrides))  # before any name is looked up: they register entries
     schema = OmegaConf.structured(root_cls)
     OmegaConf.set_struct(schema, False)
@@ -271,6 +333,7 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
             node.name = name
             schema[sec] = node
             _drop_foreign_file_keys(file_cfg, sec, name, default, cls, config_path)
+    _resolve_file_paths(file_cfg, bases, schema)
     OmegaConf.set_struct(schema, True)
     try:
         cfg = OmegaConf.merge(schema, OmegaConf.create(file_cfg))

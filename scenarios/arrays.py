@@ -55,7 +55,8 @@ class ArraysNPZ(ScenarioBuilder):
     @dataclass
     class Config(ScenarioConfig):
         name: str = opt("npz", "registered scenario name")
-        path: str | None = opt(None, "the .npz file (train_x, train_y, test_x, test_y; optional mean, std)")
+        path: str | None = opt(None, "the .npz file (train_x, train_y, test_x, test_y; optional mean, std)",
+                               path=True)
 
     def build(self, cfg: Config, data: DataConfig) -> Scenario:
         if not cfg.path:
