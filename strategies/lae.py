@@ -143,14 +143,23 @@ class LAE(CLStrategy):
         self._optimizer = None
         self.ema_steps = 0
 
+    def total_epochs(self, ctx: RunContext) -> int:
+        """Epochs per experience: ``strategy.epochs``, or ``trainer.max_epochs`` when it is null (as the base class)."""
+        epochs = self.cfg.epochs if self.cfg.epochs is not None else int(ctx.cfg.trainer.max_epochs)
+        if self.cfg.num_freeze_epochs >= epochs:
+            raise ConfigError(f"strategy.num_freeze_epochs={self.cfg.num_freeze_epochs} must be < the epochs per "
+                              f"experience ({epochs}; strategy.epochs or trainer.max_epochs): the online PET must "
+                              "train after its warm-up")
+        return epochs
+
     def phases(self, exp: Experience, ctx: RunContext) -> Iterator[Phase]:
-        cfg = self.cfg
-        freeze = cfg.num_freeze_epochs if self.known > 0 else 0
+        epochs = self.total_epochs(ctx)
+        freeze = self.cfg.num_freeze_epochs if self.known > 0 else 0
         if freeze > 0:
             self.set_pet_trainable(False)  # head warm-up: the online PET waits for the new head
             yield Phase("warmup", epochs=freeze)
         self.set_pet_trainable(True)
-        yield Phase("joint", epochs=cfg.epochs - freeze)
+        yield Phase("joint", epochs=epochs - freeze)
 
     def on_experience_end(self, exp: Experience, ctx: RunContext) -> None:
         self._optimizer = None
@@ -191,7 +200,7 @@ class LAE(CLStrategy):
             logits = self.classifier.heads[-1](self.features(x))  # local CE: the current experience's slice
         target = torch.where(y >= self.known, y - self.known, torch.full_like(y, -100))
         loss = F.cross_entropy(logits, target)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_train_loss(loss)  # only when a logger or progress bar reads it (a ms per step otherwise)
         return loss
 
     def configure_optimizers(self) -> Any:

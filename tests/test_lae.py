@@ -204,6 +204,23 @@ def test_bad_config_is_a_clear_error(tmp_path):
         build_strategy(cfg, build_scenario(cfg))
 
 
+def test_epochs_null_means_trainer_max_epochs(tmp_path):
+    """``strategy.epochs=null`` takes ``trainer.max_epochs`` like every strategy (it crashed with None - freeze)."""
+    from types import SimpleNamespace
+
+    from cl.errors import ConfigError
+
+    cfg = build_config(None, [*TINY_LAE, "strategy.epochs=null", "trainer.max_epochs=3", f"run.dir={tmp_path}"])
+    model = build_strategy(cfg, build_scenario(cfg))
+    ctx = SimpleNamespace(cfg=cfg)
+    assert [(p.name, p.epochs) for p in model.phases(None, ctx)] == [("joint", 3)]  # first experience: no warm-up
+    model.known = 2  # a later experience
+    assert [(p.name, p.epochs) for p in model.phases(None, ctx)] == [("warmup", 1), ("joint", 2)]
+    short = build_config(None, [*TINY_LAE, "strategy.epochs=null", "trainer.max_epochs=1", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="num_freeze_epochs=1 must be < the epochs per experience"):
+        list(model.phases(None, SimpleNamespace(cfg=short)))
+
+
 @pytest.mark.slow
 def test_offline_expert_keeps_old_classes_and_ensemble(tmp_path):
     """Proxy stream on the pre-trained ViT, 2 experiences x 5 classes: after the second, the offline expert is more
