@@ -83,7 +83,9 @@ class DataConfig:
     root: str = opt("data", "root folder of local data sets (env CL_DATA_ROOT overrides the default)", path=True)
     batch_size: int = opt(32, "global training batch size (split evenly across DDP ranks)", ge=1)
     eval_batch_size: int = opt(256, "evaluation batch size per rank", ge=1)
-    num_workers: int = opt(0, "DataLoader workers for file-backed data sets (tensor data sets use none)", ge=0)
+    num_workers: int | None = opt(None, "DataLoader workers per rank for file-backed data sets, training and "
+                                  "evaluation (null: the rank's share of the CPUs, at most 8; tensor data sets use "
+                                  "none)", ge=0)
     drop_last: bool | None = opt(None, "drop the last incomplete training batch; null = what the strategy's "
                                        "official code does (LAE drops it; SLCA, SEMA, PRD keep it)")
 
@@ -106,7 +108,57 @@ class TrainerConfig:
     gradient_clip_val: float | None = opt(None, "gradient clipping value")
     sync_batchnorm: bool = opt(False, "synchronise BatchNorm statistics across DDP ranks")
     log_every_n_steps: int = opt(50, "training-loss logging interval", ge=1)
-    logger: str = opt("csv", "csv | tensorboard | none", choices=("csv", "tensorboard", "none"))
+    logger: Any = opt("csv", "csv | tensorboard | wandb | mlflow | none | module:Class | {class: NAME, arg: value}, "
+                             "or a list of them (cl/loggers.py); any other pytorch_lightning.Trainer argument is a "
+                             "trainer.<name> key too")
+
+
+#: Trainer arguments the runner owns, and what to use instead
+RUNNER_TRAINER_ARGS = {
+    "callbacks": "use the top-level callbacks=[module:Class]",
+    "enable_checkpointing": "the runner checkpoints at experience boundaries (run.checkpoint)",
+    "use_distributed_sampler": "the runner shards batches across ranks itself",
+    "limit_val_batches": "evaluation runs outside Lightning, after each experience",
+    "val_check_interval": "evaluation runs outside Lightning, after each experience",
+    "check_val_every_n_epoch": "evaluation runs outside Lightning, after each experience",
+    "num_sanity_val_steps": "evaluation runs outside Lightning, after each experience",
+    "default_root_dir": "set run.dir or run.root",
+}
+
+
+def _trainer_config_cls(file_cfg: dict, overrides: list[str]) -> type:
+    """``TrainerConfig``, extended by the other ``pytorch_lightning.Trainer`` arguments this config sets
+    (``trainer.accumulate_grad_batches=4``); a name that is neither is an unknown key, with suggestions."""
+    import inspect
+
+    import pytorch_lightning as pl
+
+    known = {f.name for f in dataclasses.fields(TrainerConfig)}
+    node = file_cfg.get("trainer")
+    asked = list(node) if isinstance(node, dict) else []
+    asked += [item.split("=", 1)[0].split(".")[1] for item in overrides if item.startswith("trainer.")]
+    extra = [k for k in dict.fromkeys(asked) if k not in known]
+    if not extra:
+        return TrainerConfig
+    params = [n for n in inspect.signature(pl.Trainer.__init__).parameters if n != "self"]
+    fields = []
+    for name in extra:
+        if name in RUNNER_TRAINER_ARGS:
+            raise ConfigError(f"trainer.{name} is not available: {RUNNER_TRAINER_ARGS[name]}")
+        if name not in params:
+            raise ConfigError(f"unknown config key 'trainer.{name}'{closest(name, sorted(known | set(params)))}; "
+                              "trainer.* takes the keys `cl train --help` lists and pytorch_lightning.Trainer's "
+                              "arguments")
+        fields.append((name, Any, opt(None, "a pytorch_lightning.Trainer argument")))
+    return dataclasses.make_dataclass("TrainerConfig", fields, bases=(TrainerConfig,))
+
+
+def trainer_extra_args(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """The ``pytorch_lightning.Trainer`` arguments a config sets beyond :class:`TrainerConfig`'s own keys."""
+    known = {f.name for f in dataclasses.fields(TrainerConfig)}
+    out = {k: v for k, v in trainer_cfg.items() if k not in known}
+    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in out.items()}
 
 
 @dataclass
@@ -333,6 +385,8 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
             node.name = name
             schema[sec] = node
             _drop_foreign_file_keys(file_cfg, sec, name, default, cls, config_path)
+    if "trainer" in schema:
+        schema.trainer = OmegaConf.structured(_trainer_config_cls(file_cfg, overrides))
     _resolve_file_paths(file_cfg, bases, schema)
     OmegaConf.set_struct(schema, True)
     try:
@@ -349,6 +403,10 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
     if "callbacks" in cfg:
         for spec in cfg.callbacks:
             callback_spec(spec)
+    if "trainer" in cfg and "logger" in cfg.trainer:
+        from cl.loggers import logger_specs
+
+        logger_specs(cfg.trainer.logger)
     return cfg
 
 

@@ -27,6 +27,7 @@ from cl.config import section
 from cl.data.loaders import ExperienceDataModule, make_loader
 from cl.errors import ConfigError, UserError
 from cl.evaluation import evaluate
+from cl.loggers import RunLogger, build_loggers
 from cl.registry import SCENARIOS, STRATEGIES
 from cl.strategy import CLStrategy, Phase
 from cl.utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything, tensor_hash
@@ -45,9 +46,10 @@ class RunContext:
     device: torch.device
     run_dir: Path
     model: CLStrategy
-    loggers: list[Any] = field(default_factory=list)
+    loggers: list[RunLogger] = field(default_factory=list)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     exp_index: int = 0
+    global_step: int = 0  # optimizer steps over the whole run (every experience and phase); restored on resume
     initial_eval: bool = False
 
     def loader(self, data: ExperienceData, *, train: bool, batch_size: int | None = None, shuffle: bool | None = None,
@@ -71,10 +73,12 @@ class RunContext:
         self.records.setdefault(self.exp_index, {})[key] = value
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log on rank 0 at ``step`` (default: the run's global step now), with the experience index."""
         if not self.dist.is_main:
             return
         for lg in self.loggers:
-            lg.log_metrics(metrics, step=self.exp_index if step is None else step)
+            lg.experience = self.exp_index
+            lg.log_at(metrics, self.global_step if step is None else step)
             lg.save()
 
 
@@ -190,10 +194,14 @@ def quiet_lightning() -> None:
 class Runner:
     """Runs one config. ``argv`` is the command line that re-launches this run (needed to spawn DDP ranks)."""
 
-    def __init__(self, cfg: DictConfig, argv: list[str] | None = None) -> None:
+    def __init__(self, cfg: DictConfig, argv: list[str] | None = None, loggers: list[Any] | None = None,
+                 callbacks: list[Any] | None = None) -> None:
         self.cfg = cfg
         self.argv = argv
+        self._extra_loggers = list(loggers or [])
+        self._extra_callbacks = list(callbacks or [])
         self._callbacks: list[Any] | None = None
+        self._run_loggers: list[RunLogger] = []
 
     # ------------------------------------------------------------------------------------------------ the loop
     def run(self) -> Results:
@@ -205,6 +213,8 @@ class Runner:
             ok = True
             return results
         finally:
+            for lg in self._run_loggers:  # once per run, not at the end of every phase's Trainer
+                lg.finish("success" if ok else "failed")
             code = distributed.finish(dist, ok)
             if ok and code:
                 raise UserError(f"a DDP rank exited with code {code}; see its output above")
@@ -219,7 +229,8 @@ class Runner:
         model = build_strategy(cfg, scenario)
         callbacks: list[CLCallback] = [cb() for cb in CALLBACKS if cb.enabled(cfg)]
         callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, CLCallback)]
-        ctx = RunContext(cfg, scenario, dist, dist.device, run_dir, model, loggers=self._loggers(run_dir, dist))
+        self._run_loggers = self._loggers(run_dir, dist)
+        ctx = RunContext(cfg, scenario, dist, dist.device, run_dir, model, loggers=self._run_loggers)
         if start is not None:
             start = self._restore(start, model, callbacks, ctx)
         else:
@@ -230,6 +241,8 @@ class Runner:
         if dist.is_main:  # rewritten on resume: hosts and world size may have changed
             atomic_write_json(run_dir / "provenance.json",
                               provenance.collect(cfg, scenario, hosts, dist.world_size, self.argv))
+        for lg in ctx.loggers:
+            lg.log_run_hyperparams(cfg)
         for cb in callbacks:
             cb.on_run_start(ctx)
         if cfg.run.eval_unseen and start == 0:
@@ -273,12 +286,17 @@ class Runner:
                                   drop_last=drop_last(cfg, type(model)))
         pl_callbacks = [c for cb in callbacks for c in cb.trainer_callbacks(ctx)]
         pl_callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, pl.Callback)]
+        for lg in ctx.loggers:
+            lg.offset, lg.experience = ctx.global_step, exp.index
         trainer = make_trainer(cfg, epochs, pl_callbacks, ctx.loggers, ctx.run_dir)
         trainer.fit(model, datamodule=dm)
+        # the next phase's rows continue after this one's (and after anything logged at a later step)
+        ctx.global_step = max([ctx.global_step + trainer.global_step] + [lg.last_step + 1 for lg in ctx.loggers])
 
     def _evaluate(self, model: CLStrategy, exps: list[Experience], exp: Experience, callbacks: list[CLCallback],
                   ctx: RunContext) -> None:
-        results = evaluate(model, exps, ctx.dist, ctx.device, self.cfg.data.eval_batch_size)
+        results = evaluate(model, exps, ctx.dist, ctx.device, self.cfg.data.eval_batch_size,
+                           num_workers=self.cfg.data.num_workers)
         for cb in callbacks:
             cb.on_evaluated(exp, results, ctx)
 
@@ -288,20 +306,21 @@ class Runner:
         if self._callbacks is None:
             from cl.config import callback_spec
 
-            self._callbacks = [cls(**kwargs) for cls, kwargs in map(callback_spec, self.cfg.get("callbacks", []))]
+            specs = map(callback_spec, self.cfg.get("callbacks", []))
+            for cb in self._extra_callbacks:
+                if not isinstance(cb, (pl.Callback, CLCallback)):
+                    raise UserError(f"train(callbacks=...): {cb!r} is neither a pytorch_lightning.Callback nor a "
+                                    "cl CLCallback")
+            self._callbacks = [cls(**kwargs) for cls, kwargs in specs] + self._extra_callbacks
         return self._callbacks
 
-    def _loggers(self, run_dir: Path, dist: distributed.Dist) -> list[Any]:
-        kind = self.cfg.trainer.logger
-        if kind == "none" or not dist.is_main:
+    def _loggers(self, run_dir: Path, dist: distributed.Dist) -> list[RunLogger]:
+        """``trainer.logger``'s loggers and those passed to :func:`train`, on rank 0 only, each seen through the
+        whole run (:class:`cl.loggers.RunLogger`)."""
+        if not dist.is_main:
             return []
-        if kind == "tensorboard":
-            from pytorch_lightning.loggers import TensorBoardLogger
-
-            return [TensorBoardLogger(str(run_dir), name="logs", version="")]
-        from pytorch_lightning.loggers import CSVLogger
-
-        return [CSVLogger(str(run_dir), name="logs", version="")]
+        return ([RunLogger(lg, owned=True) for lg in build_loggers(self.cfg, run_dir)]
+                + [RunLogger(lg) for lg in self._extra_loggers])
 
     def _check_same_stream(self, scenario: Scenario, dist: distributed.Dist) -> None:
         prints = dist.all_gather_object(scenario.fingerprint())
@@ -372,6 +391,7 @@ class Runner:
             "extra": model.extra_state(),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in callbacks},
             "records": {int(k): v for k, v in ctx.records.items()},
+            "global_step": ctx.global_step,
         }
         folder = ctx.run_dir / "checkpoints"
         atomic_torch_save(state, folder / f"exp{exp_index}.ckpt")
@@ -403,6 +423,7 @@ class Runner:
                 if type(cb).__name__ in state["callbacks"]:
                     cb.load_state_dict(state["callbacks"][type(cb).__name__])
             ctx.records.update({int(k): v for k, v in state.get("records", {}).items()})
+            ctx.global_step = int(state.get("global_step", 0))
             return int(state["exp_index"]) + 1
         raise UserError(f"no readable checkpoint in '{folder}': {'; '.join(errors) or 'none found'}")
 
@@ -435,7 +456,12 @@ def restore_model(model: CLStrategy, state: dict[str, Any]) -> None:
 
 def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], loggers: list[Any],
                  run_dir: Path) -> pl.Trainer:
-    """A lean Trainer for one training phase: no validation, no Lightning checkpointing, no model summary."""
+    """A lean Trainer for one training phase: no validation, no Lightning checkpointing, no model summary; other
+    ``pytorch_lightning.Trainer`` arguments the config sets (``trainer.accumulate_grad_batches``) are passed on."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from cl.config import trainer_extra_args
+
     t = cfg.trainer
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
@@ -448,10 +474,27 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], log
     if t.limit_train_batches is not None:
         lim = t.limit_train_batches
         kwargs["limit_train_batches"] = int(lim) if float(lim).is_integer() and lim > 1 else float(lim)
-    return pl.Trainer(**kwargs)
+    extra = trainer_extra_args(t)
+    kwargs.update(extra)
+    try:
+        return pl.Trainer(**kwargs)
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        if not extra:
+            raise
+        given = ", ".join(f"trainer.{k}={v}" for k, v in extra.items())
+        raise ConfigError(f"pytorch_lightning.Trainer refused {given}: {str(err).strip().splitlines()[0]}") from None
 
 
-def train(cfg: DictConfig, argv: list[str] | None = None) -> Results:
-    """Run a config in this process (the notebook entry point; ``cl train`` calls this too)."""
-    return Runner(cfg, argv).run()
+def train(cfg: DictConfig, argv: list[str] | None = None, loggers: list[Any] | None = None,
+          callbacks: list[Any] | None = None) -> Results:
+    """Run a config in this process (the notebook entry point; ``cl train`` calls this too).
+
+    Args:
+        cfg: from :func:`cl.config.build_config`.
+        argv: the command line that re-launches this run (multi-process DDP needs it).
+        loggers: ``pytorch_lightning`` logger objects, added to those ``trainer.logger`` names (rank 0 only).
+        callbacks: ``pytorch_lightning.Callback`` objects (added to every Trainer) and
+            :class:`cl.callbacks.CLCallback` objects (the experience-loop hooks), added to the config's ``callbacks``.
+    """
+    return Runner(cfg, argv, loggers=loggers, callbacks=callbacks).run()
 

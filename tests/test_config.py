@@ -52,7 +52,7 @@ def test_extends(tmp_path):
     (["backbone=mlpp"], "unknown backbone 'mlpp' (did you mean: mlp"),
     (["strategy.lr=-1"], "'strategy.lr': -1.0 (must be > 0)"),
     (["scenario.n_experiences=0"], "'scenario.n_experiences': 0 (must be >= 1)"),
-    (["trainer.logger=foo"], "choose one of csv, tensorboard, none"),
+    (["trainer.logger=foo"], "choose csv, tensorboard, wandb, mlflow, none, or a module:Class logger"),
     (["seed"], "not of the form key=value"),
     (["seed=x"], "invalid value for 'seed'"),
 ])

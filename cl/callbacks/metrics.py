@@ -83,7 +83,7 @@ class MetricsCallback(CLCallback):
         metrics["time/train_s"] = entry["train_time_s"]
         metrics["memory/peak_mb"] = entry["peak_memory_mb"]
         metrics["cl/state_bytes"] = entry["cl_state_bytes"]
-        ctx.log_metrics(metrics, step=i)
+        ctx.log_metrics(metrics)  # at the run's global step; the experience index is on every row
         self.write(ctx)
 
     def on_run_end(self, ctx: RunContext) -> None:
