@@ -28,7 +28,7 @@ class PassCounts:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, experiences: list[Experience], dist: Dist, device: torch.device,
-             batch_size: int = 256) -> dict[str, PassCounts]:
+             batch_size: int = 256, num_workers: int | None = None) -> dict[str, PassCounts]:
     was_training = model.training
     model.eval()
     model.to(device)
@@ -37,7 +37,8 @@ def evaluate(model: torch.nn.Module, experiences: list[Experience], dist: Dist, 
     counts = torch.zeros(len(passes), len(experiences), 3, dtype=torch.long)  # (pass, exp, [correct, total, til])
     for j, exp in enumerate(experiences):
         cls = torch.as_tensor(exp.classes, device=device)
-        loader = make_loader(exp.test, batch_size, train=False, rank=dist.rank, world=dist.world_size)
+        loader = make_loader(exp.test, batch_size, train=False, rank=dist.rank, world=dist.world_size,
+                             num_workers=num_workers)
         for x, y in loader:
             x, y = model.eval_transform(x.to(device)), y.to(device)
             for p, fn in enumerate(passes.values()):

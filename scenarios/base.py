@@ -151,7 +151,8 @@ class _AvalancheView(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.source[i], self.targets[i]
+        x = self.source[i]
+        return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), self.targets[i]
 
 
 CONVENTIONS = ("normalized", "unit", "pm1")
@@ -177,6 +178,8 @@ class BatchTransform(nn.Module):
         self.register_buffer("std", torch.tensor(scenario.std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:  # file-backed sources ship uint8 from the loader workers (1 byte per pixel)
+            x = x.float().div_(255.0)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         if self.augment != "none":

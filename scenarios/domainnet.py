@@ -21,11 +21,11 @@ from scenarios.domain import domain_incremental, resolve_domain_order
 from scenarios.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    FileListSource,
     FileScenarioConfig,
     apply_protocol,
     build_from_items,
     dataset_folder,
+    file_sources,
     lae_orders,
 )
 from scenarios.verify import SplitReport, load_spec, require_file, verify_split
@@ -122,10 +122,10 @@ class DomainNetDomains(ScenarioBuilder):
             bad = [lab for _, lab in tr + te if not 0 <= lab < cfg.n_classes]
             if bad:
                 raise DataError(f"{spec['title']}: domain '{d}' has label {bad[0]} outside 0..{cfg.n_classes - 1}")
-            parts.append((d, *(FileListSource(folder, [p for p, _ in x], [lab for _, lab in x], cfg.image_size)
-                               for x in (tr, te))))
+            parts.append((d, *file_sources(cfg, folder, tr, te)[:2]))
             all_train += tr
-        return domain_incremental(cfg.name, parts, cfg, n_classes=cfg.n_classes, image_size=cfg.image_size,
+        return domain_incremental(cfg.name, parts, cfg, augment="none" if cfg.pipeline == "paper" else "crop_flip",
+                                  n_classes=cfg.n_classes, image_size=cfg.image_size,
                                   channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   class_names=class_names_of(all_train, cfg.n_classes),
                                   meta={"data_folder": str(folder)})

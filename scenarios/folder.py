@@ -28,23 +28,45 @@ IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def paper_transform(size: int, train: bool, scale: Sequence[float] = (0.08, 1.0)) -> Any:
+    """The papers' torchvision pipeline on a PIL image, ending in a uint8 tensor (3, S, S).
+
+    Train: ``RandomResizedCrop(S, scale)`` (bilinear, antialiased) + horizontal flip (SLCA on ImageNet-R, LAE,
+    SEMA with ``scale=(0.05, 1)``). Test: ``Resize(S * 256 / 224)`` + ``CenterCrop(S)``. Normalisation is left to
+    the batch transform on the accelerator (the strategy's input convention), so workers ship 1 byte per pixel.
+    """
+    from torchvision.transforms import v2
+
+    if train:
+        steps = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([*steps, v2.PILToTensor()])
+
+
 class FileListSource:
-    """Images listed by path, decoded lazily: ``source[i]`` is a float tensor (3, S, S) in [0, 1].
+    """Images listed by path, decoded lazily in DataLoader workers.
+
+    With ``transform`` (a torchvision pipeline on the PIL image, :func:`paper_transform`) ``source[i]`` is what it
+    returns: the papers' crops and flips run per image in the workers. Without it (``scenario.pipeline=resize``)
+    the image is squashed to (S, S) and returned as a float tensor in [0, 1]; crops, flips and the input convention
+    then run on whole batches in :class:`scenarios.base.BatchTransform`.
 
     Args:
         folder: the data set folder the paths are relative to.
         files: relative paths (``/`` separated).
         targets: original integer labels, one per file.
-        image_size: every image is resized to (S, S) here (bilinear), so batches stack; crops, flips and the
-            input convention are applied later on whole batches by :class:`scenarios.base.BatchTransform`.
+        image_size: the side S of every returned image.
+        transform: optional per-image pipeline (PIL RGB image -> tensor (3, S, S)).
     """
 
     def __init__(self, folder: Path, files: Sequence[str], targets: Sequence[int] | np.ndarray,
-                 image_size: int) -> None:
+                 image_size: int, transform: Any = None) -> None:
         self.folder = Path(folder)
         self.files = list(files)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.image_size = int(image_size)
+        self.transform = transform
         if len(self.files) != len(self.targets):
             raise ValueError("files and targets differ in length")
 
@@ -58,6 +80,8 @@ class FileListSource:
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
+                if self.transform is not None:
+                    return self.transform(im)
                 if im.size != (self.image_size, self.image_size):
                     im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
@@ -132,6 +156,25 @@ class FileScenarioConfig(ScenarioConfig):
                       "(reduced copies)", choices=("full", "layout"))
     protocol: str | None = opt(None, "named paper protocol (`cl data list`); fills the split keys left at their "
                                "defaults")
+    pipeline: str = opt("paper", "paper: RandomResizedCrop + flip per image in the loader workers, Resize + "
+                        "CenterCrop at test | resize: squash to image_size, crop/flip on the batch",
+                        choices=("paper", "resize"))
+    crop_scale: list[float] = opt(default_factory=lambda: [0.08, 1.0],
+                                  help="RandomResizedCrop scale range of the paper pipeline (SEMA: [0.05, 1.0])")
+
+
+def file_sources(cfg: FileScenarioConfig, folder: Path, train: Sequence[tuple[str, int]],
+                 test: Sequence[tuple[str, int]]) -> tuple[FileListSource, FileListSource, str]:
+    """(train source, test source, batch augmentation) for ``cfg.pipeline``: with ``paper`` the workers augment
+    and the batch transform only maps to the input convention (``augment="none"``)."""
+    paper = cfg.pipeline == "paper"
+    if paper and (len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1):
+        raise ConfigError(f"scenario.crop_scale={list(cfg.crop_scale)} must be [low, high] with 0 < low <= high <= 1")
+    tf_train = paper_transform(cfg.image_size, True, cfg.crop_scale) if paper else None
+    tf_test = paper_transform(cfg.image_size, False) if paper else None
+    tr = FileListSource(folder, [p for p, _ in train], [lab for _, lab in train], cfg.image_size, tf_train)
+    te = FileListSource(folder, [p for p, _ in test], [lab for _, lab in test], cfg.image_size, tf_test)
+    return tr, te, "none" if paper else "crop_flip"
 
 
 def apply_protocol(cfg: Any, protocols: dict[str, dict[str, Any]]) -> Any:
@@ -193,8 +236,8 @@ def build_from_items(cfg: FileScenarioConfig, spec: dict[str, Any], folder: Path
             verify_split(spec, f"{prefix}test", test, folder, cfg.verify)]
     if reports is not None:
         reports.extend(reps)
-    tr = FileListSource(folder, [p for p, _ in train], [lab for _, lab in train], cfg.image_size)
-    te = FileListSource(folder, [p for p, _ in test], [lab for _, lab in test], cfg.image_size)
+    tr, te, batch_augment = file_sources(cfg, folder, train, test)
+    augment = augment if batch_augment != "none" else "none"
     sc = class_incremental(cfg.name, tr, te, cfg, image_size=cfg.image_size, channels=3, mean=mean, std=std,
                            augment=augment, class_names=class_names, classes=range(len(class_names)),
                            meta={"data_folder": str(folder), "split": split_key or "official",

@@ -18,10 +18,10 @@ from scenarios.domain import domain_incremental, resolve_domain_order
 from scenarios.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    FileListSource,
     FileScenarioConfig,
     dataset_folder,
     derive_split,
+    file_sources,
     scan_class_folders,
 )
 from scenarios.verify import SplitReport, load_spec, require_dir, verify_split, where_to_get
@@ -62,8 +62,8 @@ class PACSDomains(ScenarioBuilder):
             train, test = derive_split(items, 0.2, cfg.split_seed)
             for part, its in (("train", train), ("test", test)):
                 self.reports.append(verify_split(spec, f"{d}/{part}", its, folder, cfg.verify))
-            parts.append((d, *(FileListSource(folder, [p for p, _ in x], [lab for _, lab in x], cfg.image_size)
-                               for x in (train, test))))
-        return domain_incremental(cfg.name, parts, cfg, n_classes=len(PACS_CLASSES), image_size=cfg.image_size,
+            parts.append((d, *file_sources(cfg, folder, train, test)[:2]))
+        return domain_incremental(cfg.name, parts, cfg, augment="none" if cfg.pipeline == "paper" else "crop_flip",
+                                  n_classes=len(PACS_CLASSES), image_size=cfg.image_size,
                                   channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, class_names=PACS_CLASSES,
                                   meta={"data_folder": str(folder)})

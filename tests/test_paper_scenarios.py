@@ -149,7 +149,12 @@ def test_imagenet_r_l2p_and_coda(tmp_path: Path) -> None:
     assert [sorted(e.classes_in_this_experience) for e in bm.train_stream] == [[0, 1], [2, 3]]
     assert list(bm.classes_order_original_ids) == perm.class_order
     img = tr.source[int(tr.indices[0])]
+    assert img.shape == (3, 8, 8) and img.dtype == torch.uint8  # the paper pipeline ships uint8 from workers
+    _, squash = build("split_imagenet_r", tmp_path, n_experiences=2, split="l2p", pipeline="resize")
+    img = squash.experiences[0].train.source[int(tr.indices[0])]
     assert img.shape == (3, 8, 8) and img.dtype == torch.float32 and 0 <= float(img.min()) <= float(img.max()) <= 1
+    x = bm.train_stream[0].dataset[0][0]  # Avalanche sees float images in [0, 1] either way
+    assert x.dtype == torch.float32 and float(x.max()) <= 1
     assert not hasattr(tr.source, "batch")
     x, y = next(iter(make_loader(tr, 4, train=True)))
     assert x.shape == (4, 3, 8, 8) and y.tolist() and set(y.tolist()) <= {0, 1}

@@ -11,6 +11,7 @@ Tensor-backed sources are gathered a whole batch at a time (one indexing op, no 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -100,10 +101,26 @@ class _EvalSampler:
             yield self.pos[i:i + self.batch]
 
 
+def default_workers() -> int:
+    """DataLoader workers per rank when ``data.num_workers`` is null: the CPUs this process may use, shared by the
+    ranks on this node (``LOCAL_WORLD_SIZE``), at most 8; 0 on a machine with one CPU per rank."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(8, per_rank) if per_rank > 1 else 0
+
+
 def make_loader(data: ExperienceData, batch_size: int, *, train: bool, rank: int = 0, world: int = 1,
                 seed: int = 0, shuffle: bool | None = None, drop_last: bool | None = None,
-                num_workers: int = 0) -> DataLoader:
-    """A loader of raw (untransformed) batches: for training (global batches, sharded) or evaluation (sharded)."""
+                num_workers: int | None = None) -> DataLoader:
+    """A loader of raw (untransformed) batches: for training (global batches, sharded) or evaluation (sharded).
+
+    Tensor-backed sources gather whole batches in the main process (no workers: one indexing op is faster than
+    any IPC). File-backed sources decode and augment per image in ``num_workers`` worker processes (null: see
+    :func:`default_workers`), persistent across the epochs of one fit, pinned for a GPU.
+    """
     n = len(data)
     if train:
         drop = True if drop_last is None else drop_last
@@ -115,15 +132,16 @@ def make_loader(data: ExperienceData, batch_size: int, *, train: bool, rank: int
         sampler = _EvalSampler(n, batch_size, rank, world)
     if hasattr(data.source, "batch"):
         return DataLoader(_BatchView(data), sampler=sampler, batch_size=None, num_workers=0)
-    return DataLoader(_ItemView(data), batch_sampler=sampler, num_workers=num_workers,
-                      persistent_workers=False, pin_memory=False)
+    workers = default_workers() if num_workers is None else int(num_workers)
+    return DataLoader(_ItemView(data), batch_sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
 
 class ExperienceDataModule(pl.LightningDataModule):
     """The training data of one phase as a ``LightningDataModule`` (Lightning's sampler replacement is off)."""
 
     def __init__(self, data: ExperienceData, batch_size: int, rank: int, world: int, seed: int,
-                 num_workers: int = 0, drop_last: bool = True) -> None:
+                 num_workers: int | None = None, drop_last: bool = True) -> None:
         super().__init__()
         self.data, self.batch_size, self.rank, self.world, self.seed = data, batch_size, rank, world, seed
         self.num_workers, self.drop_last = num_workers, drop_last
