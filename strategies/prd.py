@@ -19,14 +19,18 @@ Per batch of the current experience only (no stored data):
 
 Prediction is the cosine similarity of ``h(x)`` to the L2-normalised prototypes of the seen classes.
 
+As the official code (pinned by tests, measured side by side in ``benchmarks/parity``): the colour jitter is
+kornia 0.6.1's on the ``[-1, 1]`` tensor, clamping jittered views to ``[0, 1]`` (``strategy.jitter_impl``); the
+backbone's convolutions are re-initialised kaiming-normal fan-out (``strategy.conv_init``); the lr decays from epoch
+``m + 1`` after milestone ``m`` (``epoch > m``); the last partial batch is kept; the two views are PRD's own and do
+not depend on ``scenario.augment``.
+
 Deviations from the official code, on purpose and documented in ``docs/strategies/prd.md``:
 
 * class-incremental logits cover the **seen** classes only (the official code also scores untrained prototypes of
   future tasks); task-incremental accuracy comes from ``cl.evaluation`` (argmax within the experience's classes);
 * the distillation value is the true KL (the official code logs the soft cross-entropy, which differs by the
   teacher's entropy, a constant: the gradients are identical);
-* colour jitter acts on ``[0, 1]`` images (the ``[-1, 1]`` tensors are mapped there and back) with multiplicative
-  brightness as torchvision does, in a fixed order;
 * the optimizer object is rebuilt for every ``Trainer.fit`` but its state (momentum buffers) is carried over and
   checkpointed, which is equivalent to the official single optimizer;
 * under DDP without SyncBatchNorm the encoder's BatchNorm running statistics are averaged across ranks at every
@@ -54,7 +58,7 @@ if TYPE_CHECKING:
     from cl.runner import RunContext
     from scenarios.base import Experience
 
-__all__ = ["PRD", "PRDAugment", "supcon_loss", "relation_distillation", "prototype_loss"]
+__all__ = ["PRD", "PRDAugment", "official_init", "prototype_loss", "relation_distillation", "step_lr", "supcon_loss"]
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -118,11 +122,26 @@ class PRDAugment(nn.Module):
     RandomCrop(pad ``crop_pad``, fill -1), horizontal flip (p 0.5), ColorJitter(brightness, contrast, saturation =
     ``jitter``, no hue) with probability ``jitter_p``, RandomGrayscale(``grayscale_p``). Saturation and greyscale
     only act on 3-channel images. Draws from torch's global generator (seeded identically on every rank).
+
+    ``impl="kornia"`` (default) is the official pipeline's ``kornia.augmentation.ColorJitter`` of kornia 0.6.1 (the
+    version the official README pins) applied, as there, to the tensor as it is, i.e. to ``[-1, 1]`` values:
+    additive brightness ``x + U(-j, j)`` and multiplicative contrast ``x * U(1 - j, 1 + j)``, each clamped to
+    ``[0, 1]``, saturation through HSV (``s * U(1 - j, 1 + j)`` clamped to ``[0, 1]``), in one random order per
+    batch. The clamps send every negative pixel of a jittered view to 0 (or above): about ``jitter_p`` of the views
+    lose their dark half of the range, and only the others keep -1 backgrounds. ``impl="torchvision"`` jitters
+    ``[0, 1]``-mapped images the torchvision way (multiplicative brightness, contrast blended with the mean grey, in
+    a fixed order) and maps them back, keeping the whole ``[-1, 1]`` range.
     """
 
-    def __init__(self, crop_pad: int = 4, jitter: float = 0.4, jitter_p: float = 0.8, grayscale_p: float = 0.2):
+    IMPLS = ("kornia", "torchvision")
+
+    def __init__(self, crop_pad: int = 4, jitter: float = 0.4, jitter_p: float = 0.8, grayscale_p: float = 0.2,
+                 impl: str = "kornia"):
         super().__init__()
+        if impl not in self.IMPLS:
+            raise ConfigError(f"strategy.jitter_impl must be one of {', '.join(self.IMPLS)}; got '{impl}'")
         self.crop_pad, self.jitter, self.jitter_p, self.grayscale_p = crop_pad, jitter, jitter_p, grayscale_p
+        self.impl = impl
 
     @staticmethod
     def _gray(u: Tensor) -> Tensor:
@@ -135,29 +154,90 @@ class PRDAugment(nn.Module):
         f = 1.0 + (torch.rand(b, device=device) * 2.0 - 1.0) * self.jitter
         return torch.where(on, f, torch.ones_like(f)).view(b, 1, 1, 1)
 
+    @staticmethod
+    def kornia_saturation(x: Tensor, f: Tensor) -> Tensor:
+        """kornia 0.6.1 ``adjust_saturation`` (RGB -> HSV, ``s <- clamp(s f, 0, 1)``, HSV -> RGB) in closed form.
+
+        With ``v`` = max channel and ``d`` = max - min, HSV gives channel ``c = v (1 - s k_c)`` with
+        ``s = d / (v + 1e-8)`` and ``k_c = (v - c) / d``, so the new channel is ``v - v s' (v - c) / d``. Grey pixels
+        (``d = 0``) are unchanged; pixels with ``v <= 0`` get ``s' = 0`` (grey at ``v``), as kornia's.
+        """
+        v = x.max(1, keepdim=True).values
+        d = v - x.min(1, keepdim=True).values
+        s_new = (d / (v + 1e-8) * f).clamp(0, 1)
+        safe_d = torch.where(d == 0, torch.ones_like(d), d)
+        return torch.where(d == 0, x, v - v * s_new * (v - x) / safe_d)
+
+    def _jitter_kornia(self, x: Tensor) -> Tensor:
+        b, c = x.shape[:2]
+        on = torch.rand(b, device=x.device) < self.jitter_p
+        j = self.jitter
+
+        def uniform(lo: float, hi: float) -> Tensor:
+            return (lo + (hi - lo) * torch.rand(b, device=x.device, dtype=x.dtype)).view(b, 1, 1, 1)
+
+        bright = uniform(max(0.0, 1 - j), min(2.0, 1 + j)) - 1.0  # additive shift (kornia 0.6.1: factor - 1)
+        contrast, sat = uniform(max(0.0, 1 - j), 1 + j), uniform(max(0.0, 1 - j), 1 + j)
+        y = x
+        for op in torch.randperm(4, device=x.device).tolist():  # one order per batch, as kornia's generator
+            if op == 0:
+                y = (y + bright).clamp(0, 1)
+            elif op == 1:
+                y = (y * contrast).clamp(0, 1)
+            elif op == 2 and c == 3:
+                y = self.kornia_saturation(y, sat)
+            # op 3 = hue with factor 0: kornia's RGB -> HSV -> RGB round trip, the identity
+        return torch.where(on.view(b, 1, 1, 1), y, x)
+
+    def _jitter_torchvision(self, x: Tensor) -> Tensor:
+        b, c = x.shape[:2]
+        u = (x + 1.0) * 0.5  # jitter is defined on [0, 1] images
+        on = torch.rand(b, device=x.device) < self.jitter_p
+        u = (u * self._factor(b, on, x.device)).clamp(0, 1)  # brightness
+        mean = self._gray(u).mean(dim=(1, 2, 3), keepdim=True)
+        f = self._factor(b, on, x.device)
+        u = (f * u + (1 - f) * mean).clamp(0, 1)  # contrast
+        if c == 3:
+            f = self._factor(b, on, x.device)
+            u = (f * u + (1 - f) * self._gray(u)).clamp(0, 1)  # saturation
+        return u * 2.0 - 1.0
+
     def forward(self, x: Tensor) -> Tensor:
         b, c = x.shape[:2]
         if self.crop_pad > 0:
             x = random_crop(x, pad=self.crop_pad, fill=-1.0)
         flip = torch.rand(b, device=x.device) < 0.5
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
-        u = (x + 1.0) * 0.5  # jitter is defined on [0, 1] images
         if self.jitter > 0 and self.jitter_p > 0:
-            on = torch.rand(b, device=x.device) < self.jitter_p
-            u = (u * self._factor(b, on, x.device)).clamp(0, 1)  # brightness
-            mean = self._gray(u).mean(dim=(1, 2, 3), keepdim=True)
-            f = self._factor(b, on, x.device)
-            u = (f * u + (1 - f) * mean).clamp(0, 1)  # contrast
-            if c == 3:
-                f = self._factor(b, on, x.device)
-                u = (f * u + (1 - f) * self._gray(u)).clamp(0, 1)  # saturation
+            x = self._jitter_kornia(x) if self.impl == "kornia" else self._jitter_torchvision(x)
         if c == 3 and self.grayscale_p > 0:
             gray = (torch.rand(b, device=x.device) < self.grayscale_p).view(b, 1, 1, 1)
-            u = torch.where(gray, self._gray(u).expand_as(u), u)
-        return u * 2.0 - 1.0
+            x = torch.where(gray, self._gray(x).expand_as(x), x)
+        return x
 
 
 # ------------------------------------------------------------------------------------------------ modules
+
+
+def official_init(backbone: nn.Module) -> None:
+    """The official ``models/resnet.py`` init: every Conv2d kaiming-normal (fan-out, ReLU gain), BatchNorm 1 / 0.
+
+    PyTorch's default conv init (kaiming-uniform, a = sqrt(5), fan-in) has about 2.4x smaller weights for
+    ResNet-18's square convs; behind BatchNorm the function is scale-invariant, so smaller weights mean a ~6x larger
+    effective learning rate (lr / ||w||^2) than the official run's.
+    """
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.weight is not None:
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def step_lr(lr: float, gamma: float, milestones: list[int], epoch: int) -> float:
+    """The official ``adjust_learning_rate``: ``lr * gamma ** #(epoch > m)``, ``epoch`` counted from 0 within the
+    experience; the decay after milestone ``m`` starts at epoch index ``m + 1`` (strictly greater)."""
+    return lr * gamma ** sum(epoch > m for m in milestones)
 
 
 class ProjectionMLP(nn.Module):
@@ -242,11 +322,18 @@ class PRD(CLStrategy):
         proj_hidden: int = opt(512, "hidden width of the projection MLP", ge=1)
         proj_dim: int = opt(128, "output width of the projection MLP", ge=1)
         proj_layers: int = opt(3, "Linear layers of the projection MLP (3 = F-512-512-128)", ge=1)
-        augment: bool = opt(True, "augment the two views (also needs scenario.augment=true); false = identical views")
+        augment: bool = opt(True, "augment the two views (PRD's own pipeline; scenario.augment does not apply "
+                                  "to PRD); false = identical views")
         crop_pad: int = opt(4, "random-crop padding in pixels (filled with -1)", ge=0)
         jitter: float = opt(0.4, "colour-jitter strength for brightness, contrast, saturation", ge=0)
         jitter_p: float = opt(0.8, "probability of colour jitter", ge=0)
         grayscale_p: float = opt(0.2, "probability of greyscale", ge=0)
+        jitter_impl: str = opt("kornia", "colour jitter: kornia = the official kornia-0.6.1 ColorJitter on the [-1, 1] "
+                                         "tensor (additive brightness, clamps to [0, 1]); torchvision = on [0, 1] "
+                                         "images, multiplicative brightness, full [-1, 1] range kept")
+        conv_init: str = opt("kaiming_fan_out", "backbone init: kaiming_fan_out = the official ResNet's (every Conv2d "
+                                                "kaiming-normal, fan-out, ReLU gain; BatchNorm 1 / 0); default = "
+                                                "keep the backbone's own init (needed with backbone.checkpoint)")
         gather_negatives: bool = opt(False, "DDP: contrast against every rank's embeddings (all-gather); "
                                             "false = loss local to each rank's batch (single-process behaviour)")
 
@@ -258,8 +345,12 @@ class PRD(CLStrategy):
         self.prototypes = nn.ModuleList()  # one bias-free Linear per experience, all built at the first experience
         self.task_sizes: list[int] = []
         self.teacher: Teacher | None = None
-        self.augment = PRDAugment(cfg.crop_pad, cfg.jitter, cfg.jitter_p, cfg.grayscale_p)
-        self.use_augment = cfg.augment
+        if cfg.conv_init not in ("kaiming_fan_out", "default"):
+            raise ConfigError(f"strategy.conv_init must be kaiming_fan_out or default; got '{cfg.conv_init}'")
+        if cfg.conv_init == "kaiming_fan_out":
+            official_init(backbone)
+        self.augment = PRDAugment(cfg.crop_pad, cfg.jitter, cfg.jitter_p, cfg.grayscale_p, cfg.jitter_impl)
+        self.use_augment = bool(cfg.augment)  # independent of scenario.augment (PRD never uses the scenario's crop)
         self._opt_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ growth and state
@@ -296,7 +387,9 @@ class PRD(CLStrategy):
             self._build_prototypes(sizes)
         if list(exp.classes) != list(range(self.offsets[exp.index], self.offsets[exp.index] + len(exp.classes))):
             raise ConfigError(f"prd expects experience {exp.index} to own a contiguous label range; got {exp.classes}")
-        self.use_augment = bool(self.cfg.augment) and ctx.scenario.augment != "none"
+        if exp.index == 0 and self.cfg.conv_init == "kaiming_fan_out" and ctx.cfg.backbone.get("checkpoint"):
+            raise ConfigError("strategy.conv_init=kaiming_fan_out re-initialised the backbone loaded from "
+                              "backbone.checkpoint; set strategy.conv_init=default to keep pre-trained weights")
         self._set_trainable(exp.index)
 
     def phases(self, exp: Experience, ctx: RunContext) -> Iterator[Phase]:
@@ -412,7 +505,7 @@ class PRD(CLStrategy):
 
     def on_train_epoch_start(self) -> None:
         # step decay, epochs counted within the experience (only the long first experience reaches the milestones)
-        lr = self.cfg.lr * self.cfg.lr_gamma ** sum(self.current_epoch >= m for m in self.cfg.lr_milestones)
+        lr = step_lr(self.cfg.lr, self.cfg.lr_gamma, self.cfg.lr_milestones, self.current_epoch)
         for g in self.optimizers().optimizer.param_groups:
             g["lr"] = lr
 

@@ -11,10 +11,11 @@ import torch
 
 from cl.callbacks import base as cb_base
 from cl.config import build_config
+from cl.errors import ConfigError
 from cl.registry import SCENARIOS
 from cl.runner import Runner, build_scenario, build_strategy
 from conftest import REPO, TINY, cl_cli
-from strategies.prd import PRD, PRDAugment, supcon_loss
+from strategies.prd import PRD, PRDAugment, step_lr, supcon_loss
 
 SMALL = ["strategy=prd", "scenario=split_digits", "scenario.n_experiences=5", "backbone=resnet18_cifar",
          "backbone.nf=2", "scenario.image_size=8", "strategy.proj_hidden=16", "strategy.proj_dim=8"]
@@ -68,6 +69,89 @@ def test_augment_keeps_range_and_changes_views():
     # crop padding is filled with -1: a large shift on a constant +1 image leaves -1 borders somewhere
     ones = PRDAugment(crop_pad=4, jitter=0, grayscale_p=0)(torch.ones(16, 1, 8, 8))
     assert (ones == -1).any() and set(ones.unique().tolist()) <= {-1.0, 1.0}
+
+
+def _ramp_stats(aug: PRDAugment) -> list[float]:
+    torch.manual_seed(0)
+    ramp = torch.linspace(-1, 1, 64).view(1, 1, 8, 8).repeat(64, 1, 1, 1)
+    y = torch.cat([aug(ramp) for _ in range(64)])
+    return [y.mean().item(), y.std().item(), (y < 0).float().mean().item(), (y == 0).float().mean().item()]
+
+
+def test_jitter_is_official_kornia_on_pm1_and_clamps():
+    """Parity gap 1: the official ``kornia.augmentation.ColorJitter(0.4, 0.4, 0.4, p=0.8)`` (kornia 0.6.1) runs on
+    the [-1, 1] tensor: additive brightness and multiplicative contrast, each clamped to [0, 1], so every jittered
+    view loses its negative values. Reference numbers measured with kornia 0.6.1 itself on this ramp (64 x 64
+    grey 8 x 8 images from -1 to 1, seed 0): mean 0.2225, std 0.4053, share < 0 0.0981, share == 0 0.3146."""
+    ours = _ramp_stats(PRDAugment(crop_pad=0, grayscale_p=0))
+    for got, want, tol in zip(ours, [0.2225, 0.4053, 0.0981, 0.3146], [0.015, 0.015, 0.01, 0.02]):
+        assert got == pytest.approx(want, abs=tol), (ours, "kornia 0.6.1 reference")
+    # the [0, 1]-space torchvision jitter keeps the dark half: clearly different statistics
+    tv = _ramp_stats(PRDAugment(crop_pad=0, grayscale_p=0, impl="torchvision"))
+    assert tv[0] < 0.05 and tv[2] > 0.4 and tv[3] == 0.0
+    # every jittered view lies in [0, 1]; with jitter_p=1 a -1 background is gone, with jitter_p=0 it stays
+    x = -torch.ones(32, 1, 6, 6)
+    x[:, :, 2:4, 2:4] = 0.5
+    y = PRDAugment(crop_pad=0, jitter_p=1.0, grayscale_p=0)(x)
+    assert y.min() >= 0 and y.max() <= 1 and (y[:, :, 0, 0] <= 0.4 + 1e-6).all()
+    assert torch.equal(PRDAugment(crop_pad=0, jitter_p=0.0, grayscale_p=0)(x).abs(), x.abs())  # flip only
+
+
+def test_kornia_saturation_closed_form():
+    """kornia's RGB -> HSV -> scale s -> RGB (max |diff| to kornia 0.6.1 measured 8e-7 on random [-1, 1] colours)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 5, 5, generator=g)
+    one = torch.ones(4, 1, 1, 1)
+    assert torch.allclose(PRDAugment.kornia_saturation(x, one), x, atol=1e-6)  # factor 1: identity
+    grey = PRDAugment.kornia_saturation(x, 0 * one)
+    assert torch.allclose(grey, x.max(1, keepdim=True).values.expand_as(x), atol=1e-6)  # s = 0: grey at v = max
+    tiled = x[:, :1].repeat(1, 3, 1, 1) * 2 - 1
+    assert torch.equal(PRDAugment.kornia_saturation(tiled, 1.4 * one), tiled)  # grey pixels never change
+    # the HSV formula, one coloured pixel: v = 0.8, min 0.2, s = 0.75 -> s' = 1 (clamped) at factor 1.4
+    px = torch.tensor([0.8, 0.5, 0.2]).view(1, 3, 1, 1)
+    assert torch.allclose(PRDAugment.kornia_saturation(px, torch.tensor(1.4)).flatten(),
+                          torch.tensor([0.8, 0.4, 0.0]), atol=1e-6)
+
+
+def test_backbone_gets_official_kaiming_fan_out_init():
+    """Parity gap 2: the official ResNet inits every conv kaiming-normal (fan-out, ReLU gain); PyTorch's default
+    kaiming-uniform(a=sqrt(5)) gives ~2.4x smaller weights behind BatchNorm, i.e. a ~6x larger effective lr."""
+    model, _ = _model(["backbone.nf=8"])
+    conv = model.backbone.layer3[0].conv2  # 32 -> 32 channels, 3 x 3: fan-out 288
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / 288), rel=0.1)
+    default, _ = _model(["backbone.nf=8", "strategy.conv_init=default"])
+    assert default.backbone.layer3[0].conv2.weight.std().item() == pytest.approx(math.sqrt(1 / (3 * 288)), rel=0.1)
+
+
+def test_conv_init_refuses_to_overwrite_a_checkpoint():
+    model, ctx = _model()
+    ctx.cfg.backbone.checkpoint = "pretrained.pt"
+    with pytest.raises(ConfigError, match="conv_init"):
+        model.on_experience_start(ctx.scenario.experiences[0], ctx)
+
+
+def test_lr_decay_starts_after_the_milestone_epoch(monkeypatch):
+    """Parity gap 3: the official ``adjust_learning_rate`` decays when ``epoch > m`` (epoch index from 0 within the
+    task), one epoch later than ``epoch >= m``."""
+    assert [step_lr(1.0, 0.1, [4, 6], e) for e in range(9)] == pytest.approx([1, 1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    model, _ = _model(["strategy.lr=1.0", "strategy.lr_milestones=[4,6]"])
+    opt = model.configure_optimizers()
+    model.optimizers = lambda: types.SimpleNamespace(optimizer=opt)
+    for epoch, want in [(4, 1.0), (5, 0.1), (6, 0.1), (7, 0.01)]:
+        monkeypatch.setattr(PRD, "current_epoch", property(lambda self, e=epoch: e))
+        model.on_train_epoch_start()
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([want, want])  # prototypes' group too
+
+
+def test_views_do_not_depend_on_scenario_augment():
+    """The parity harness (and any run) with scenario.augment=false still gets PRD's two augmented views: the
+    scenario's crop never applies to PRD, only strategy.augment switches the views off."""
+    model, ctx = _model(["scenario.augment=false"])
+    model.on_experience_start(ctx.scenario.experiences[0], ctx)
+    assert model.use_augment
+    off, ctx2 = _model(["strategy.augment=false"])
+    off.on_experience_start(ctx2.scenario.experiences[0], ctx2)
+    assert not off.use_augment
 
 
 def test_prototype_loss_gives_encoder_no_gradient_and_future_prototypes_are_frozen():

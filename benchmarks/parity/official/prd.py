@@ -139,11 +139,10 @@ def main() -> None:
     sys.path.insert(0, str(src))
     _install_shim(a.setup)
 
+    import methods.repe as repe
     import numpy as np
     import torch
     import torch.nn.functional as F
-
-    import methods.repe as repe
 
     test = np.load(a.setup)
     n_tasks, cpt = int(test["n_tasks"]), int(test["classes_per_task"])
