@@ -135,7 +135,8 @@ def print_results(results: object) -> None:
     summ = Table(title="summary")
     summ.add_column("metric")
     summ.add_column("value", justify="right")
-    for key in ("last_acc", "avg_acc", "avg_inc_acc", "forgetting", "bwt", "fwt", "til_last_acc"):
+    for key in ("last_acc", "avg_acc", "avg_inc_acc", "forgetting", "stream_forgetting", "bwt", "fwt",
+                "til_last_acc"):
         v = m.get(key)
         summ.add_row(key, "n/a" if v is None else f"{100 * v:.2f}")
     console.print(summ)

@@ -9,7 +9,11 @@ experience-averaged ones are both exact. With T experiences and final row T-1:
 * ``avg_acc``     mean over experiences of the final per-experience accuracies, ``mean_j R[T-1][j]``
                   (the task-averaged ``A_N`` of the SEMA paper).
 * ``avg_inc_acc`` mean over rows i of the sample-weighted accuracy over experiences 0..i (``Ā``).
-* ``forgetting``  ``mean_{j<T-1} (max_{j<=i<T-1} R[i][j] - R[T-1][j])``.
+* ``forgetting``  ``mean_{j<T-1} (max_{j<=i<T-1} R[i][j] - R[T-1][j])`` (Chaudhry et al., 2018: the best accuracy
+                  an experience had before the end, minus its final one).
+* ``stream_forgetting`` ``mean_{j<T-1} (R[j][j] - R[T-1][j])``: Avalanche's ``StreamForgetting`` (the accuracy right
+                  after training an experience minus the final one); equals ``-bwt``. It differs from
+                  ``forgetting`` when an experience's accuracy rises after its own training (backward transfer).
 * ``bwt``         ``mean_{j<T-1} (R[T-1][j] - R[j][j])`` (negative = forgetting).
 * ``fwt``         ``mean_{j>0} (R[j-1][j] - b_j)`` with ``b_j`` the accuracy on j before any training; needs
                   ``run.eval_unseen=true`` (in class-incremental streams unseen classes have no logits, so it is
@@ -65,7 +69,8 @@ class AccuracyMatrix:
     def summary(self) -> dict[str, float | None]:
         t = self.rows_done
         if t == 0:
-            return {k: None for k in ("last_acc", "avg_acc", "avg_inc_acc", "forgetting", "bwt", "fwt")}
+            return {k: None for k in ("last_acc", "avg_acc", "avg_inc_acc", "forgetting", "stream_forgetting", "bwt",
+                                      "fwt")}
         r = self.matrix()
         last = t - 1
         out: dict[str, float | None] = {
@@ -73,11 +78,13 @@ class AccuracyMatrix:
             "avg_acc": float(np.nanmean(r[last, : last + 1])),
             "avg_inc_acc": float(np.mean([self.seen_acc(i) for i in range(t)])),
             "forgetting": None,
+            "stream_forgetting": None,
             "bwt": None,
             "fwt": None,
         }
         if last > 0:
             out["forgetting"] = float(np.mean([np.max(r[j:last, j]) - r[last, j] for j in range(last)]))
+            out["stream_forgetting"] = float(np.mean([r[j, j] - r[last, j] for j in range(last)]))
             out["bwt"] = float(np.mean([r[last, j] - r[j, j] for j in range(last)]))
         if last > 0 and self.init_total[1:t].all() and self.evaluated[: last, 1:t].diagonal().all():
             b = self.init_correct / np.maximum(self.init_total, 1)
