@@ -100,3 +100,14 @@ def test_kfpf_cpu_benchmark_quick_writes_its_table_and_caches(tmp_path: Path, mo
     assert [r["last"] for r in again] == [results[r["label"]]["last"] for r in again]
     with pytest.raises(SystemExit, match="unknown row"):
         kfpf_cpu.main(["--only", "nope"])
+
+
+def test_data_loading_benchmark_runs_both_loaders(capsys):
+    from benchmarks import data_loading
+
+    data_loading.main(["--images", "12", "--workers", "0", "--batch", "4", "--epochs", "1", "--repeats", "1",
+                       "--print"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| 0 |")][0]
+    plain, ours = (float(v) for v in row.split("|")[2:4])
+    assert plain > 0 and ours > 0 and "cl / plain" in out
