@@ -45,6 +45,11 @@ nothing of their code is copied or edited. What the shim swaps in at run time (`
   ``model.return_hidden(x)`` to the L2-normalised prototypes of the seen tasks, as their ``_classify_CI`` but
   without future tasks' untrained rows) = ``acc`` / ``matrix``, and their own ``_classify_CI`` over all 10
   prototype rows (``extra["cil_all_protos_acc"]``, what ``--task_incremental 0`` reports).
+* **Step check** (``--check-step``, :func:`check_step`): THEIR ``RePE.process_inc`` and our ``PRD.losses`` on the
+  same weights and the same two views in float64, at task 0 and at task 1 with a drifted student (distillation
+  active): losses equal to ~1e-15 and every parameter's gradient to ~1e-13 relative; THEIR ``_classify``
+  and our eval ``forward`` agree to 1e-16. Everything that still differs between the sides is random draws
+  (init, shuffles, augmentation) and float32 round-off.
 * **Logs**: their ``Logger`` writes ``params.json`` / ``db.pickle`` under ``--log_path`` in the temporary cwd.
 """
 
@@ -124,13 +129,139 @@ def _install_shim(setup_path: str) -> None:
     dbase.CIFAR10 = SetupArrays
 
 
+def check_step(setup_path: str) -> dict[str, float]:
+    """One training step of THEIR ``RePE.process_inc`` and of our ``PRD.losses`` on the same weights and views.
+
+    float64 throughout. Their ``SupConResNet`` (3-channel conv1) and ``RePE`` are built with the row's values, our
+    PRD gets their weights (conv1: the three tied input channels summed into our one), both get the same two views
+    (drawn once by our ``PRDAugment``; theirs tiled to 3 channels through ``train_tf``), and the loss and every
+    parameter's gradient are compared: at task 0, and at task 1 after the teacher snapshot and an identical drift
+    of both students (relation distillation active). Then THEIR ``_classify`` vs our ``forward`` in eval mode.
+    Returns the largest differences (measured: losses equal to ~1e-15, gradients to ~1e-13 relative).
+    """
+    import copy
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from benchmarks.parity.common import official_source
+
+    sys.path.insert(0, str(official_source("prd")))
+    _install_shim(setup_path)
+    from methods.repe import RePE
+    from models import SupConResNet
+
+    from cl.config import build_config
+    from cl.runner import build_scenario, build_strategy
+
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    hp = ROWS["prd"]["official"]
+    args = types.SimpleNamespace(
+        mem_size=0, input_size=(3, 32, 32), batch_size=hp["batch_size"], buffer_batch_size=64, task_free=0,
+        cka_eval=0, lr=hp["lr"], momentum=0.9, weight_decay=1e-4, n_classes_per_task=2, n_tasks=5, half_iid=0,
+        prototypes_lr=hp["lr"], supcon_temperature=hp["temperature"], distill_temp=hp["distill_t"],
+        prototypes_coef=hp["lambda_p"], distill_coef=hp["lambda_d"], dataset="setup", use_augs=1,
+        n_epochs=hp["epochs"], n_iters=1, task_incremental=1, iid_split=0, eval_layer=-1)
+    model = SupConResNet(name="resnet18", head="mlp", nf=hp["nf"], input_size=(3, 32, 32), feat_dim=hp["proj_dim"],
+                         hidden_dim=hp["proj_hidden"], batch_norm=False, num_layers=3)
+    views: list = []
+    agent = RePE(model, types.SimpleNamespace(register_name=lambda n: None), lambda x: views.pop(0), args)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={setup_path}", "scenario.n_experiences=5",
+                              "scenario.augment=false", *ROWS["prd"]["ours"]])
+    scenario = build_scenario(cfg)
+    ours = build_strategy(cfg, scenario).double()
+    ctx = types.SimpleNamespace(scenario=scenario, cfg=cfg)
+    ours.on_experience_start(scenario.experiences[0], ctx)
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    sd = ours.state_dict()
+    for k, v in model.encoder.state_dict().items():
+        sd["backbone." + k] = v.sum(1, keepdim=True) if k == "conv1.weight" else v
+    for i, m in zip((0, 2, 4), linears):
+        sd[f"projector.net.{i}.weight"], sd[f"projector.net.{i}.bias"] = m.weight.data, m.bias.data
+    for t in range(5):
+        sd[f"prototypes.{t}.weight"] = agent.prototypes.heads[str(t)].weight.data
+    ours.load_state_dict(sd)
+    data = np.load(setup_path)
+
+    def batch(task: int, n: int = 32):
+        idx = np.flatnonzero(data["train_y"] // 2 == task)[:n]
+        x = (torch.from_numpy(data["train_x"][idx]).double()[:, None] / 255 - 0.5) * 2
+        return x, torch.from_numpy(data["train_y"][idx]).long()
+
+    out: dict[str, float] = {}
+
+    def compare(task: int) -> None:
+        x, y = batch(task)
+        v = [ours.augment(x), ours.augment(x)]
+        views[:] = [t.repeat(1, 3, 1, 1) for t in v]
+        aug = ours._modules.pop("augment")
+        pending = iter(v)
+        object.__setattr__(ours, "augment", lambda _x: next(pending))
+        agent.train()
+        ours.train()
+        for p in [*model.parameters(), *agent.prototypes.parameters(), *ours.parameters()]:
+            p.grad = None
+        theirs_loss = agent.process_inc({"x": x.repeat(1, 3, 1, 1), "y": y.clone(), "t": task})
+        our_loss = ours.losses(x, y)["loss"]
+        theirs_loss.backward()
+        our_loss.backward()
+        object.__delattr__(ours, "augment")
+        ours._modules["augment"] = aug
+        grads = {"backbone." + k: p.grad for k, p in model.encoder.named_parameters()}
+        grads["backbone.conv1.weight"] = model.encoder.conv1.weight.grad[:, :1]  # identical in the 3 channels
+        for i, m in zip((0, 2, 4), linears):
+            grads[f"projector.net.{i}.weight"], grads[f"projector.net.{i}.bias"] = m.weight.grad, m.bias.grad
+        for t in range(5):
+            grads[f"prototypes.{t}.weight"] = agent.prototypes.heads[str(t)].weight.grad
+        worst = 0.0
+        for k, p in ours.named_parameters():
+            a, b = grads.get(k), p.grad
+            if k.startswith("teacher.") or (a is None and b is None):
+                continue
+            a = torch.zeros_like(p) if a is None else a
+            b = torch.zeros_like(p) if b is None else b
+            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+        out[f"task{task}_loss_abs_diff"] = abs(theirs_loss.item() - our_loss.item())
+        out[f"task{task}_grad_max_rel_diff"] = worst
+
+    compare(0)
+    agent._record_state()
+    ours.on_experience_end(scenario.experiences[0],
+                           types.SimpleNamespace(dist=types.SimpleNamespace(world_size=1), record=lambda *a: None))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        theirs_params = dict(model.encoder.named_parameters())
+        for k, p in ours.backbone.named_parameters():
+            delta = 0.05 * torch.randn(p.shape, generator=gen) * p.abs().mean()
+            p.add_(delta)
+            theirs_params[k].add_(delta.expand_as(theirs_params[k]) / 3 if k == "conv1.weight" else delta)
+    ours.on_experience_start(scenario.experiences[1], ctx)
+    compare(1)
+    model.eval()
+    ours.eval()
+    x, _ = batch(1, 64)
+    with torch.no_grad():
+        theirs_logits = agent._classify(copy.deepcopy(model).return_hidden(x.repeat(1, 3, 1, 1)), 1)
+        out["eval_til_logits_max_abs_diff"] = float((theirs_logits - ours(x)[:, 2:4]).abs().max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--row", required=True)
+    ap.add_argument("--row")
     ap.add_argument("--setup", required=True)
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--out")
+    ap.add_argument("--check-step", action="store_true", help="only compare one training step (float64), print it")
     a = ap.parse_args()
+    if a.check_step:
+        for k, v in check_step(a.setup).items():
+            print(f"{k}: {v:.3e}")
+        return
+    if a.row is None or a.seed is None or a.out is None:
+        ap.error("--row, --seed and --out are required (unless --check-step)")
     spec = ROWS[a.row]["official"]
 
     from benchmarks.parity.common import RunResult, official_source, seen_accuracy
