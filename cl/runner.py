@@ -474,6 +474,13 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], log
     if t.limit_train_batches is not None:
         lim = t.limit_train_batches
         kwargs["limit_train_batches"] = int(lim) if float(lim).is_integer() and lim > 1 else float(lim)
+    if "SLURM_JOB_ID" in os.environ and "plugins" not in t:
+        # one requeue mechanism: submitit's handler (cl slurm, cl/cluster.py) checkpoints at experience boundaries
+        # and requeues; Lightning's own SLURM auto-requeue would also catch the signal and write an hpc_ckpt that a
+        # later fit restores from, out of step with the experience loop
+        from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     extra = trainer_extra_args(t)
     kwargs.update(extra)
     try:

@@ -91,3 +91,17 @@ def test_torchrun_launch_matches_the_self_launched_run(tmp_path):
     assert hashes == json.loads((tmp_path / "own" / "state_hashes.json").read_text())["ranks"]
     assert read_metrics(tmp_path / "torchrun")["correct"] == read_metrics(tmp_path / "own")["correct"]
     assert read_metrics(tmp_path / "torchrun")["world_size"] == 2
+
+
+def test_lightnings_slurm_auto_requeue_is_off_under_slurm(monkeypatch, tmp_path):
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    from cl.config import build_config
+    from cl.runner import make_trainer
+
+    cfg = build_config(None, TINY)
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0", "SLURM_JOB_NAME": "cl"}.items():
+        monkeypatch.setenv(key, value)
+    env = make_trainer(cfg, 1, [], [], tmp_path)._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
