@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--setup", required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--torch-seed", type=int, default=None,
+                    help="torch seed (default: --seed; 1 = their trainer's fixed seed), for noise measurements")
     args = ap.parse_args()
 
     from benchmarks.parity.common import RunResult, load_npz, official_source
@@ -184,7 +186,7 @@ def main() -> None:
     spec = ROWS[args.row]["official"]
     captured: dict = {}
     start = time.perf_counter()
-    _install_shim(setup, spec, args.seed, captured)
+    _install_shim(setup, spec, args.seed if args.torch_seed is None else args.torch_seed, captured)
     import numpy as np
     import trainer
 
@@ -217,7 +219,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=acc, wall_s=round(wall, 2), matrix=matrix,
                     extra={"official_final_top1": float(final), "official_avg_top1": float(avg),
-                           "hyperparameters": spec})
+                           "hyperparameters": spec, "torch_seed": args.seed if args.torch_seed is None
+                           else args.torch_seed})
     Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
     np.testing.assert_allclose(acc[-1], final, atol=0.01)  # their own top-1 (rounded to 2 decimals)
 
