@@ -37,17 +37,25 @@ def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
-def row_lines(row: str, sides: dict[str, dict[int, RunResult]]) -> list[str]:
+def _curve(res: RunResult, metric: str) -> list[float]:
+    return res.acc if metric == "acc" else list(res.extra[metric])
+
+
+def row_lines(row: str, sides: dict[str, dict[int, RunResult]], metric: str = "acc") -> list[str]:
+    """Official, ours and their difference for one row; ``metric`` = ``acc`` or an ``extra`` curve (``til_acc``)."""
     seeds = sorted(set(sides.get("official", {})) & set(sides.get("ours", {})))
     if not seeds:
         return [f"| {row} | (only {', '.join(sides)} ran) |" + " |" * 9]
-    n_exp = min(len(sides[s][k].acc) for s in ("official", "ours") for k in seeds)
+    if metric != "acc":
+        row = f"{row} (task-IL)"
+    n_exp = min(len(_curve(sides[s][k], metric)) for s in ("official", "ours") for k in seeds)
     lines = []
     stats: dict[str, dict[str, list[float]]] = {}
     for side in ("official", "ours"):
         runs = [sides[side][k] for k in seeds]
-        per_exp = [_ms([r.acc[t] for r in runs]) for t in range(n_exp)]
-        stats[side] = {"last": [r.acc[n_exp - 1] for r in runs], "avg": [float(np.mean(r.acc[:n_exp])) for r in runs],
+        curves = [_curve(r, metric) for r in runs]
+        per_exp = [_ms([c[t] for c in curves]) for t in range(n_exp)]
+        stats[side] = {"last": [c[n_exp - 1] for c in curves], "avg": [float(np.mean(c[:n_exp])) for c in curves],
                        "wall": [r.wall_s for r in runs]}
         st = stats[side]
         lines.append(f"| {row} | {side} | " + " | ".join(per_exp) + f" | {_ms(st['last'])} | {_ms(st['avg'])} | "
@@ -84,6 +92,9 @@ def make_table(results: dict[str, dict[str, dict[int, RunResult]]]) -> str:
     lines = [head, sep]
     for row in sorted(results):
         lines += row_lines(row, results[row])
+        runs = [r for side in results[row].values() for r in side.values()]
+        if runs and all("til_acc" in r.extra for r in runs):  # PRD's headline is task-incremental
+            lines += row_lines(row, results[row], "til_acc")
     lines += adapter_lines(results)
     return "\n".join(lines)
 
