@@ -13,9 +13,11 @@ a linear autoencoder on the token-mean of ``r``) whose recent reconstruction los
 and a router column; the router's softmax mixes the block's adapters. Experience 0 trains the adapters, routers and
 the classifier (functional phase), then the RDs (RD phase). Each later experience first runs *detection*: the new
 data is scored under every RD of the expandable blocks, shallow to deep, as ``z = |loss - mean| / (std + eps)``
-against its window; a block where even the most familiar RD has a mean z above ``threshold`` gets a new adapter, RD
-and router column, which train while everything old stays frozen, and detection restarts for the deeper blocks. If
-no block expands, only the classifier trains.
+against its window; a block where even the most familiar RD has a batch-mean z above ``threshold`` gets a new
+adapter, RD and router column, which train while everything old stays frozen. As in the official
+``_detect_outlier``, the scan then goes on with the next batch of the same pass (every block not yet grown in this
+experience stays eligible, shallower ones included), and passes repeat until one adds nothing; at most one adapter
+per block per experience. If no block expands, only the classifier trains.
 
 Deviations from the official code, all numerically neutral or required here:
 
@@ -182,6 +184,12 @@ def inject_mixtures(vit: nn.Module, hidden: int, expandable: set[int], rd_latent
     return [created[MixtureSpec().target(i)] for i in range(len(blocks))]
 
 
+def round_z(sums: Tensor) -> list[float]:
+    """Mean z per RD from ``[sum_1, ..., sum_K, count]``, rounded for metrics.json."""
+    n = max(sums[-1].item(), 1.0)
+    return [round(v / n, 4) for v in sums[:-1].tolist()]
+
+
 def _n_params(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
@@ -290,21 +298,26 @@ class SEMA(CLStrategy):
             return
         expanded: list[int] = []
         self.expansions.append(expanded)
-        candidates = list(self.expandable)
-        while candidates:
-            block = self._detect(exp, ctx, candidates, round_=len(expanded))
-            if block is None:
+        # Official rule (models/sema.py::_detect_outlier + SEMAModules.forward): every expandable block that has not
+        # grown in this experience stays eligible, shallower ones too; after an expansion the scan CONTINUES over the
+        # rest of the pass with the new module in place, and passes repeat until one adds nothing.
+        pass_ = 0
+        while True:
+            added = False
+            for block in self._detect_pass(exp, ctx, expanded, pass_):
+                added = True
+                expanded.append(block)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(ctx.seed_for(f"sema/expand{block}"))
+                    self.mixtures[block].add(self.classifier.weight.device)
+                self._set_trainable([self.mixtures[block]], adapters=True, newest_only=True)
+                yield Phase(f"func{block}", epochs=self.cfg.epochs)
+                self._set_trainable([self.mixtures[block]], descriptors=True, newest_only=True)
+                yield Phase(f"rd{block}", epochs=self.cfg.rd_epochs)
+                self._set_trainable([])
+            pass_ += 1
+            if not added or len(expanded) == len(self.expandable):
                 break
-            expanded.append(block)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(ctx.seed_for(f"sema/expand{block}"))
-                self.mixtures[block].add(self.classifier.weight.device)
-            self._set_trainable([self.mixtures[block]], adapters=True, newest_only=True)
-            yield Phase(f"func{block}", epochs=self.cfg.epochs)
-            self._set_trainable([self.mixtures[block]], descriptors=True, newest_only=True)
-            yield Phase(f"rd{block}", epochs=self.cfg.rd_epochs)
-            self._set_trainable([])
-            candidates = [b for b in candidates if b > block]  # detection restarts for the deeper blocks
         if not expanded:
             self._set_trainable([])
             yield Phase("classifier", epochs=self.cfg.epochs)
@@ -321,56 +334,64 @@ class SEMA(CLStrategy):
             ctx.record("sema/detect_z", self._detect_log)
 
     # ------------------------------------------------------------------------------------------ detection
-    @torch.no_grad()
-    def _detect(self, exp: Experience, ctx: RunContext, candidates: list[int], round_: int) -> int | None:
-        """The shallowest candidate block whose every RD sees the new data as novel, or None.
+    def _detect_pass(self, exp: Experience, ctx: RunContext, grown: list[int], pass_: int) -> Iterator[int]:
+        """One detection pass over the experience; yields each block to expand, resuming the scan after it trains.
 
-        Each global batch contributes per-RD sums of z and a sample count, summed over ranks, so the decision is
-        the same on every rank. With ``detect_on=batch`` (official code) the first batch over the threshold
-        decides; with ``all`` the means over the whole experience do.
+        The eligible blocks are the expandable ones not in ``grown`` (updated by the caller between yields). Each
+        global batch contributes per-RD sums of z and a sample count, summed over ranks, so every rank takes the
+        same decisions at the same batch. With ``detect_on=batch`` (official code) the shallowest eligible block
+        whose every RD has a batch-mean z above the threshold expands at that batch and the scan goes on with the
+        next batch; with ``all`` the means over the whole pass decide once, at its end.
         """
+        loader = ctx.loader(exp.train, train=True, batch_size=self.cfg.detect_batch, tag=f"sema/detect{pass_}")
+        sums: dict[int, Tensor] = {}  # per block: per-RD z sums over the batches it was eligible for, then count
+        log = self._detect_log.setdefault(f"round{pass_}", {})
+        for x, _ in loader:
+            candidates = [b for b in self.expandable if b not in grown]
+            if not candidates:
+                break
+            batch = self._batch_z_sums(ctx, self.train_transform(x.to(ctx.device)), candidates)
+            for b, t in batch.items():
+                sums[b] = t if b not in sums or sums[b].numel() != t.numel() else sums[b] + t
+            if self.cfg.detect_on == "batch":
+                found = self._decide(batch, candidates)
+                if found is not None:
+                    log[f"expand{found}"] = round_z(batch[found])
+                    yield found
+        for b, t in sums.items():
+            log[str(b)] = round_z(t)
+        if self.cfg.detect_on == "all":
+            candidates = [b for b in self.expandable if b not in grown and b in sums]
+            found = self._decide(sums, candidates)
+            if found is not None:
+                yield found
+
+    @torch.no_grad()
+    def _batch_z_sums(self, ctx: RunContext, x: Tensor, candidates: list[int]) -> dict[int, Tensor]:
+        """Per candidate block: the z sums of its RDs on ``x`` and the sample count, summed over ranks."""
         was_training = self.training
-        self.to(ctx.device).eval()
-        sizes = [len(self.mixtures[b]) for b in candidates]
-        totals = torch.zeros(sum(sizes) + 1, dtype=torch.float64)
-        loader = ctx.loader(exp.train, train=True, batch_size=self.cfg.detect_batch, tag=f"sema/detect{round_}")
-        found: int | None = None
+        self.to(ctx.device).eval()  # the official pass runs the model in eval mode (no window updates)
         try:
-            for x, _ in loader:
-                x = self.train_transform(x.to(ctx.device))  # the official pass uses training augmentation
-                with self.capturing():
-                    self.backbone(x)
-                    parts = []
-                    for b in candidates:
-                        mix = self.mixtures[b]
-                        feat = mix.captured
-                        parts += [rd.z_score(rd.loss(feat)).double().sum().cpu().view(1) for rd in mix.descriptors]
-                batch = ctx.dist.all_reduce_sum(torch.cat(parts + [torch.tensor([float(len(x))], dtype=torch.float64)]))
-                totals += batch
-                if self.cfg.detect_on == "batch":
-                    found = self._decide(batch, candidates, sizes)
-                    if found is not None:
-                        break
-            if self.cfg.detect_on == "all":
-                found = self._decide(totals, candidates, sizes)
+            with self.capturing():
+                self.backbone(x)
+                parts = [torch.stack([rd.z_score(rd.loss(self.mixtures[b].captured)).double().sum()
+                                      for rd in self.mixtures[b].descriptors]).cpu() for b in candidates]
         finally:
             self.train(was_training)
-        n = max(totals[-1].item(), 1.0)
-        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        self._detect_log[f"round{round_}"] = {
-            str(b): [round(v / n, 4) for v in totals[offsets[i]:offsets[i + 1]].tolist()]
-            for i, b in enumerate(candidates)}
-        return found
-
-    def _decide(self, sums: Tensor, candidates: list[int], sizes: list[int]) -> int | None:
-        count = sums[-1].item()
-        if count <= 0:
-            return None
-        start = 0
+        sizes = [p.numel() for p in parts]
+        flat = ctx.dist.all_reduce_sum(torch.cat([*parts, torch.tensor([float(len(x))], dtype=torch.float64)]))
+        out, start = {}, 0
         for b, k in zip(candidates, sizes):
-            mean_z = sums[start:start + k] / count
+            out[b] = torch.cat([flat[start:start + k], flat[-1:]])
             start += k
-            if mean_z.min().item() > self.cfg.threshold:
+        return out
+
+    def _decide(self, sums: dict[int, Tensor], candidates: list[int]) -> int | None:
+        """The shallowest candidate whose most familiar RD (min over its RDs) has a mean z above the threshold."""
+        for b in candidates:
+            t = sums[b]
+            count = t[-1].item()
+            if count > 0 and (t[:-1] / count).min().item() > self.cfg.threshold:
                 return b
         return None
 

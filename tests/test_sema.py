@@ -195,3 +195,89 @@ def test_ddp_ranks_take_the_same_expansion_decisions(stream_run, tmp_path):
 
 def test_contract_overrides_are_tiny():
     assert any("depth=2" in o for o in SEMA.contract_overrides)
+
+
+# ------------------------------------------------------------------------------------------------ detection rule
+
+
+class _Dist:
+    @staticmethod
+    def all_reduce_sum(t):
+        return t
+
+
+class _Ctx:
+    """The parts of RunContext that detection uses: a loader of ``n_batches`` batches, seeds, identity reduce."""
+
+    def __init__(self, n_batches: int) -> None:
+        self.n_batches, self.device, self.dist, self.passes = n_batches, torch.device("cpu"), _Dist(), 0
+
+    def loader(self, data, *, train, batch_size=None, shuffle=None, tag=""):
+        self.passes += 1
+        return [(torch.rand(2, 1, 16, 16), torch.zeros(2, dtype=torch.long)) for _ in range(self.n_batches)]
+
+    def seed_for(self, tag: str) -> int:
+        return len(tag)
+
+
+_EXP = type("Exp", (), {"train": None})()  # detection only hands exp.train to the (fake) loader
+
+
+def _two_expandable_model():
+    cfg = build_config(None, [*STREAM, "strategy.expandable_blocks=[0,1]", "strategy.threshold=1.0"])
+    from cl.runner import build_scenario
+
+    model = build_strategy(cfg, build_scenario(cfg))
+    for m in model.mixtures:
+        m.add()
+    model.expansions = [[0, 1]]  # experience 0 done
+    return model
+
+
+def _scripted(model, script):
+    """Replace the per-batch z computation: ``script[i]`` = {block: mean z} for the i-th scanned batch."""
+    calls = []
+
+    def batch_z_sums(ctx, x, candidates):
+        z = script[len(calls)] if len(calls) < len(script) else {}
+        calls.append(list(candidates))
+        return {b: torch.tensor([z.get(b, 0.0) * 2] * len(model.mixtures[b].descriptors) + [2.0],
+                                dtype=torch.float64) for b in candidates}
+
+    model._batch_z_sums = batch_z_sums
+    return calls
+
+
+def test_shallower_block_grows_after_a_deeper_one_in_the_same_pass():
+    """Official rule: block 0 stays eligible after block 1 expands, and the scan goes on with the next batch."""
+    model = _two_expandable_model()
+    ctx = _Ctx(n_batches=3)
+    # batch 0: only block 1 novel -> expand 1; batch 1 (same pass, block 0 still eligible): block 0 novel -> expand 0
+    calls = _scripted(model, [{0: 0.5, 1: 3.0}, {0: 3.0}])
+    names = [p.name for p in model.phases(exp=_EXP, ctx=ctx)]
+    assert names == ["func1", "rd1", "func0", "rd0"], names
+    assert model.expansions[-1] == [1, 0]
+    assert [len(m) for m in model.mixtures] == [2, 2]
+    assert calls[:2] == [[0, 1], [0]], "after block 1 grew, block 0 (shallower) must stay a candidate"
+    assert ctx.passes == 1, "every block grew: no further pass"
+
+
+def test_detection_repeats_passes_until_one_adds_nothing():
+    model = _two_expandable_model()
+    ctx = _Ctx(n_batches=2)
+    # pass 0: block 1 novel on its last batch; pass 1: block 0 novel only now (e.g. after block 1 changed nothing
+    # upstream: a different shuffle); pass 1 therefore grows block 0 and the loop ends (nothing left to grow)
+    _scripted(model, [{0: 0.2, 1: 0.2}, {0: 0.2, 1: 5.0}, {0: 4.0}])
+    names = [p.name for p in model.phases(exp=_EXP, ctx=ctx)]
+    assert names == ["func1", "rd1", "func0", "rd0"] and ctx.passes == 2
+    # nothing novel: one pass, no expansion, classifier-only training
+    model = _two_expandable_model()
+    ctx = _Ctx(n_batches=2)
+    _scripted(model, [{0: 0.9, 1: 0.9}, {0: 0.9, 1: 0.9}])
+    assert [p.name for p in model.phases(exp=_EXP, ctx=ctx)] == ["classifier"] and ctx.passes == 1
+    # a pass that adds something is followed by another one, which here adds nothing
+    model = _two_expandable_model()
+    ctx = _Ctx(n_batches=2)
+    _scripted(model, [{0: 0.2, 1: 5.0}, {0: 0.2}, {0: 0.2}, {0: 0.2}])
+    assert [p.name for p in model.phases(exp=_EXP, ctx=ctx)] == ["func1", "rd1"] and ctx.passes == 2
+    assert model.expansions[-1] == [1]
