@@ -389,6 +389,7 @@ def build_config(config_path: str | None = None, overrides: list[str] | None = N
         schema.trainer = OmegaConf.structured(_trainer_config_cls(file_cfg, overrides))
     _resolve_file_paths(file_cfg, bases, schema)
     OmegaConf.set_struct(schema, True)
+    _open_free_form_dicts(schema)
     try:
         cfg = OmegaConf.merge(schema, OmegaConf.create(file_cfg))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
@@ -439,6 +440,18 @@ def callback_spec(spec: Any) -> tuple[type, dict[str, Any]]:
     except TypeError as err:
         raise ConfigError(f"callbacks: '{path}' does not accept {sorted(kwargs)}: {err}") from None
     return cls, kwargs
+
+
+def _open_free_form_dicts(schema: DictConfig) -> None:
+    """Fields typed ``dict[str, Any]`` (``scenario.kwargs``) take any key: the callee checks them, not the schema."""
+    for sec in schema:
+        node = schema[sec]
+        if not isinstance(node, DictConfig):
+            continue
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
 
 
 def _drop_foreign_file_keys(file_cfg: dict, section: str, name: str, default: str, cls: type,

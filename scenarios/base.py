@@ -4,7 +4,8 @@ A :class:`Scenario` holds index views into one source data set per split (never 
 order and the per-experience classes; labels are renumbered to their position in the class order (as the official
 SLCA/SEMA/PyCIL code does), so experience ``i`` of a class-incremental stream owns a contiguous label range.
 ``Scenario.benchmark`` builds the equivalent Avalanche benchmark (``nc_benchmark`` with the same fixed class order
-and per-experience class counts) for users who want Avalanche's own stream objects and strategies.
+and per-experience class counts; ``dataset_benchmark`` with one dataset per experience for domain streams and
+streams imported from Avalanche) for users who want Avalanche's own stream objects and strategies.
 """
 
 from __future__ import annotations
@@ -125,9 +126,13 @@ class Scenario:
         """The equivalent Avalanche benchmark (built on first use; Avalanche is slow to import)."""
         from avalanche.benchmarks import nc_benchmark
 
+        if self.kind == "domain" or len({id(e.train.source) for e in self.experiences}) > 1:
+            # one dataset per experience (domains, or streams imported from Avalanche): labels as they are
+            from avalanche.benchmarks import dataset_benchmark
+
+            return dataset_benchmark([_ExperienceView(e.train) for e in self.experiences],
+                                     [_ExperienceView(e.test) for e in self.experiences])
         train, test = self.experiences[0].train.source, self.experiences[0].test.source
-        if self.kind == "domain":
-            raise NotImplementedError("Avalanche export of domain-incremental streams is not supported")
         return nc_benchmark(
             _AvalancheView(train), _AvalancheView(test), n_experiences=len(self.experiences),
             task_labels=self.kind == "task", shuffle=False, fixed_class_order=list(self.class_order),
@@ -152,6 +157,21 @@ class _AvalancheView(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x = self.source[i]
+        return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), self.targets[i]
+
+
+class _ExperienceView(torch.utils.data.Dataset):
+    """One experience's split as (image in [0, 1], renumbered label) items with ``targets`` (a view, no copy)."""
+
+    def __init__(self, data: ExperienceData) -> None:
+        self.data = data
+        self.targets = [int(t) for t in data.targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x = self.data.source[int(self.data.indices[i])]
         return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), self.targets[i]
 
 
