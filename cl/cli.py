@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cl.errors import UserError
 
-USAGE = """usage: cl <command> [config=PATH] [key=value ...]
+USAGE = """usage: cl [-v] <command> [config=PATH] [key=value ...]     (-v: also show library warnings)
 
 commands:
   train     run a continual-learning stream:  cl train config=configs/quickstart.yaml seed=1
@@ -201,7 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    verbose = any(a in ("-v", "--verbose") for a in args)
+    args = [a for a in args if a not in ("-v", "--verbose")]
+    if verbose:
+        os.environ["CL_VERBOSE"] = "1"  # DDP ranks re-run the command without the flag: they read this
+    from cl.progress import configure_warnings
+
+    configure_warnings()
     _load_plugins()
+    if not args:
+        print(USAGE)
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         from cl.errors import closest

@@ -7,6 +7,7 @@ classes). Samples are split across ranks without padding, so nothing is counted 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,9 @@ class PassCounts:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, experiences: list[Experience], dist: Dist, device: torch.device,
-             batch_size: int = 256, num_workers: int | None = None) -> dict[str, PassCounts]:
+             batch_size: int = 256, num_workers: int | None = None,
+             on_experience: Callable[[], None] | None = None) -> dict[str, PassCounts]:
+    """Counts per pass and experience, summed over ranks; ``on_experience`` is called after each experience."""
     was_training = model.training
     model.eval()
     model.to(device)
@@ -51,6 +54,8 @@ def evaluate(model: torch.nn.Module, experiences: list[Experience], dist: Dist, 
                 if len(known):
                     til = known[logits[:, known].argmax(1)]
                     counts[p, j, 2] += int((til == y).sum())
+        if on_experience is not None:
+            on_experience()
     counts = dist.all_reduce_sum(counts)
     model.train(was_training)
     return {name: PassCounts(counts[p, :, 0].tolist(), counts[p, :, 1].tolist(), counts[p, :, 2].tolist())

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks.progress import ProgressBar
 from torch import nn
 
 from cl import distributed, provenance
@@ -28,6 +31,7 @@ from cl.data.loaders import ExperienceDataModule, make_loader
 from cl.errors import ConfigError, UserError
 from cl.evaluation import evaluate
 from cl.loggers import RunLogger, build_loggers
+from cl.progress import progress_bar
 from cl.registry import SCENARIOS, STRATEGIES
 from cl.strategy import CLStrategy, Phase
 from cl.utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything, tensor_hash
@@ -286,6 +290,9 @@ class Runner:
                                   drop_last=drop_last(cfg, type(model)))
         pl_callbacks = [c for cb in callbacks for c in cb.trainer_callbacks(ctx)]
         pl_callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, pl.Callback)]
+        if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in pl_callbacks):
+            n, name = len(ctx.scenario), phase.name
+            pl_callbacks.append(progress_bar(lambda: f"experience {exp.index + 1}/{n} · phase {name}"))
         for lg in ctx.loggers:
             lg.offset, lg.experience = ctx.global_step, exp.index
         trainer = make_trainer(cfg, epochs, pl_callbacks, ctx.loggers, ctx.run_dir)
@@ -295,8 +302,11 @@ class Runner:
 
     def _evaluate(self, model: CLStrategy, exps: list[Experience], exp: Experience, callbacks: list[CLCallback],
                   ctx: RunContext) -> None:
-        results = evaluate(model, exps, ctx.dist, ctx.device, self.cfg.data.eval_batch_size,
-                           num_workers=self.cfg.data.num_workers)
+        show = self.cfg.trainer.enable_progress_bar and ctx.dist.is_main and len(exps) > 1
+        with _eval_progress(show, f"evaluating after experience {exp.index + 1}/{len(ctx.scenario)}",
+                            len(exps)) as step:
+            results = evaluate(model, exps, ctx.dist, ctx.device, self.cfg.data.eval_batch_size,
+                               num_workers=self.cfg.data.num_workers, on_experience=step)
         for cb in callbacks:
             cb.on_evaluated(exp, results, ctx)
 
@@ -426,6 +436,21 @@ class Runner:
             ctx.global_step = int(state.get("global_step", 0))
             return int(state["exp_index"]) + 1
         raise UserError(f"no readable checkpoint in '{folder}': {'; '.join(errors) or 'none found'}")
+
+
+@contextmanager
+def _eval_progress(show: bool, label: str, total: int) -> Iterator[Callable[[], None] | None]:
+    """A transient bar over the experiences being evaluated (long streams take a while); nothing when hidden."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), transient=True,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
 class RunAlreadyFinished(Exception):
