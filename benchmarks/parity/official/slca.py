@@ -37,6 +37,8 @@ runs ``incremental_train`` (stage 1 slow learner, class statistics, classifier a
 * **Seed**: ``trainer._set_random`` (``torch.manual_seed(1)`` for every run) is replaced by
   ``torch.manual_seed(seed)``, so the three parity seeds vary heads' init and loader shuffles on this side as
   ``seed=`` does on ours (parity is statistical over seeds 0 1 2; the class order is the setup's).
+  ``--torch-seed N`` sets it apart from the setup seed (``--torch-seed 1`` = their fixed seed), to measure the
+  spread of one side over torch seeds on one class order (``results/slca/noise_setup0.json``).
 * **Loaders**: ``models.slca`` and ``models.base`` build ``DataLoader(..., num_workers=8 / 4)``; on the 1-thread
   CPU harness the worker processes only cost start-up time, so ``DataLoader`` in those two modules is wrapped to
   force ``num_workers=0`` (same batches, same order: the shuffle draws from the main process's torch RNG either
