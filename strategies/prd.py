@@ -400,7 +400,11 @@ class PRD(CLStrategy):
         if ctx.dist.world_size > 1:
             self._average_bn_stats(ctx)
         self.teacher = Teacher(self.backbone, self.prototypes, self.cfg.teacher_eval)
-        ctx.record("prd/proto_norms", [round(float(h.weight.norm()), 6) for h in self.prototypes[: exp.index + 1]])
+        seen = self.prototypes[: exp.index + 1]
+        ctx.record("prd/proto_norms", [round(h.weight.norm().item(), 6) for h in seen])
+        # largest cosine between two prototypes of one experience: near 1 = the classes' prototypes (nearly) coincide,
+        # so tiny feature shifts flip the argmax (the failure mode measured in the parity runs, both sides)
+        ctx.record("prd/proto_max_cos", [round(_max_offdiag_cos(h.weight.detach()), 6) for h in seen])
 
     def _average_bn_stats(self, ctx: RunContext) -> None:
         """Average BatchNorm running statistics over ranks (sum / world): without SyncBatchNorm each rank updated
@@ -511,6 +515,14 @@ class PRD(CLStrategy):
 
     def on_train_end(self) -> None:
         self._opt_state = copy.deepcopy(self.optimizers().optimizer.state_dict())
+
+
+def _max_offdiag_cos(w: Tensor) -> float:
+    """Largest cosine similarity between two different rows of ``w`` (nan for a single row)."""
+    if w.shape[0] < 2:
+        return float("nan")
+    c = F.normalize(w, dim=1) @ F.normalize(w, dim=1).T
+    return c.masked_fill(torch.eye(len(c), dtype=torch.bool, device=c.device), -2.0).max().item()
 
 
 def _to_cpu(obj: Any) -> Any:

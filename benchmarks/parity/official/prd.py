@@ -50,6 +50,11 @@ nothing of their code is copied or edited. What the shim swaps in at run time (`
   active): losses equal to ~1e-15 and every parameter's gradient to ~1e-13 relative; THEIR ``_classify``
   and our eval ``forward`` agree to 1e-16. Everything that still differs between the sides is random draws
   (init, shuffles, augmentation) and float32 round-off.
+* **Run check** (``--check-run``, :func:`check_run`): THEIR ``main()`` and our ``Runner`` stepped together on a
+  2-task subset (float64, same initial weights, deterministic per-image views, one full batch per epoch, 3-channel
+  data on both sides): per-step losses equal to ~1e-9 through task 0 (lr decay included) and the first steps of
+  task 1 (momentum carried over, distillation on), then a chaotic drift as large as the official run's own drift
+  under a 1e-9 change of its inputs' rounding.
 * **Logs**: their ``Logger`` writes ``params.json`` / ``db.pickle`` under ``--log_path`` in the temporary cwd.
 """
 
@@ -248,6 +253,139 @@ def check_step(setup_path: str) -> dict[str, float]:
     return out
 
 
+def check_run(setup_path: str, work: str = "prd_check_run") -> list[tuple[float, float]]:
+    """THEIR ``main()`` and our Lightning ``Runner`` stepped together: per-step losses of a 10-step, 2-task run.
+
+    A 2-task x 2-class x 24-image subset of the setup, tiled to 3 channels on BOTH sides (so conv1 is the same),
+    batch 48 = one full batch per epoch (the batch order the samplers draw cannot matter), 4 epochs + 2 warm-up,
+    lr decay after epochs 3 and 4, float64 (ours: ``trainer.precision=64-true``), the same initial weights (theirs
+    copied into ours), and deterministic per-image views (a fixed affine + clamp per call index, flipped on odd
+    calls) on both sides instead of the random augmentations (those are compared separately). Returns
+    ``[(official loss, our loss)]`` per step. Measured: equal to ~1e-9 through task 0 and the first steps of task 1,
+    then chaotic drift (1e-4 after 10 steps), as large as the official run's own drift when only the float
+    rounding of its inputs changes.
+    """
+    import copy
+    import shutil
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from benchmarks.parity.common import official_source
+
+    work_dir = Path(work).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    full = np.load(setup_path)
+    tr = np.concatenate([np.flatnonzero(full["train_y"] == c)[:24] for c in range(4)])
+    te = np.concatenate([np.flatnonzero(full["test_y"] == c)[:20] for c in range(4)])
+    npz = work_dir / "tiny.npz"
+    np.savez(npz, train_x=np.repeat(full["train_x"][tr][:, None], 3, 1), train_y=full["train_y"][tr],
+             test_x=np.repeat(full["test_x"][te][:, None], 3, 1), test_y=full["test_y"][te],
+             mean=np.array([0.5] * 3), std=np.array([0.5] * 3), n_tasks=2, classes_per_task=2)
+
+    class DetViews(nn.Module):
+        """View number k: per-image affine + clamp, flipped when k is odd (no dependence on batch order)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = 0
+
+        def forward(self, x):
+            k, self.k = self.k, self.k + 1
+            v = (x * (0.6 + 0.1 * (k % 7)) + (-0.3 + 0.1 * (k % 5))).clamp(-1, 1)
+            return v.flip(-1) if k % 2 else v
+
+    sys.path.insert(0, str(official_source("prd")))
+    _install_shim(str(npz))
+    import data.base as dbase
+    import methods.repe as repe
+
+    class Tiled(dbase.CIFAR10):
+        def __init__(self, root=None, train=True, transform=None, download=False):
+            a = np.load(npz)
+            self.data = ((torch.from_numpy(a["train_x" if train else "test_x"]).float() / 255.0) * 2 - 1).double()
+            self.targets = np.asarray(a["train_y" if train else "test_y"], dtype=np.int64)
+            self.transform = transform
+
+        @staticmethod
+        def train_transforms(use_augs=False):
+            return DetViews()
+
+    dbase.CIFAR10 = Tiled
+    init: dict = {}
+    losses_t: list[float] = []
+    losses_o: list[float] = []
+    orig_init, orig_inc = repe.RePE.__init__, repe.RePE.process_inc
+
+    def init_wrap(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        init["model"] = copy.deepcopy(self.model.state_dict())
+        init["protos"] = copy.deepcopy(self.prototypes.state_dict())
+
+    def inc_wrap(self, inc):
+        loss = orig_inc(self, inc)
+        losses_t.append(loss.item())
+        return loss
+
+    repe.RePE.__init__, repe.RePE.process_inc = init_wrap, inc_wrap
+    hp = ROWS["prd"]["official"]
+    sys.argv = ["main.py", "--method=repe", "--dataset=cifar10", "--model=resnet18", f"--nf={hp['nf']}",
+                "--use_augs=1", f"--projection_size={hp['proj_dim']}", f"--projection_hidden_size={hp['proj_hidden']}",
+                "--task_incremental=1", "--keep_training_data=0", "--singlelinear_eval=1", "--n_tasks=2",
+                "--n_epochs=4", "--n_warmup_epochs=2", "--batch_size=48", f"--lr={hp['lr']}",
+                f"--supcon_temperature={hp['temperature']}", f"--distill_coef={hp['lambda_d']}",
+                f"--prototypes_coef={hp['lambda_p']}", f"--prototypes_lr={hp['lr']}",
+                f"--distill_temp={hp['distill_t']}",
+                "--lr_decay_epochs=3,4", "--num_workers=0", "--seed=0", f"--log_path={work_dir}/outputs/"]
+    torch.set_default_dtype(torch.float64)
+    import main as official_main
+
+    official_main.main()
+    torch.set_default_dtype(torch.float32)
+
+    import strategies.prd as ours_mod
+    from cl.config import build_config
+    from cl.runner import Runner
+
+    views = DetViews()
+    ours_mod.PRDAugment.forward = lambda self, x: views(x)
+    start, losses_fn, forward = ours_mod.PRD.on_experience_start, ours_mod.PRD.losses, ours_mod.PRD.forward
+
+    def start_wrap(self, exp, ctx):
+        start(self, exp, ctx)
+        if exp.index:
+            return
+        sd = self.state_dict()
+        sd.update({"backbone." + k[len("encoder."):]: v for k, v in init["model"].items() if k.startswith("encoder.")})
+        heads = [k for k in init["model"] if k.startswith("head.") and k.endswith(".weight")]
+        for i, k in zip((0, 2, 4), heads):
+            sd[f"projector.net.{i}.weight"] = init["model"][k]
+            sd[f"projector.net.{i}.bias"] = init["model"][k[: -len("weight")] + "bias"]
+        sd.update({f"prototypes.{t}.weight": init["protos"][f"heads.{t}.weight"] for t in range(2)})
+        self.load_state_dict({k: v.to(self.state_dict()[k].dtype) for k, v in sd.items()})
+
+    def losses_wrap(self, x, y):
+        out = losses_fn(self, x, y)
+        losses_o.append(out["loss"].item())
+        return out
+
+    ours_mod.PRD.on_experience_start, ours_mod.PRD.losses = start_wrap, losses_wrap
+    # cl.evaluation feeds float32 batches; the 64-true model takes doubles
+    ours_mod.PRD.forward = lambda self, x: forward(self, x.to(next(self.backbone.parameters()).dtype))
+    keep = [o for o in ROWS["prd"]["ours"]
+            if not o.startswith(("strategy.epochs", "strategy.warmup", "strategy.lr_milestones", "data.batch_size"))]
+    shutil.rmtree(work_dir / "ours", ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={npz}", "scenario.n_experiences=2",
+                              "scenario.augment=false", "seed=0", f"run.dir={work_dir / 'ours'}",
+                              "run.checkpoint=false",
+                              "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              "trainer.precision=64-true", *keep, "strategy.epochs=4", "strategy.warmup_epochs=2",
+                              "strategy.lr_milestones=[3,4]", "data.batch_size=48"])
+    Runner(cfg).run()
+    return list(zip(losses_t, losses_o))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--row")
@@ -255,7 +393,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--out")
     ap.add_argument("--check-step", action="store_true", help="only compare one training step (float64), print it")
+    ap.add_argument("--check-run", action="store_true", help="only step a 10-step 2-task run on both sides, print it")
     a = ap.parse_args()
+    if a.check_run:
+        for i, (t, o) in enumerate(check_run(a.setup)):
+            print(f"step {i}: official loss {t:.10f} ours {o:.10f} diff {abs(t - o):.1e}")
+        return
     if a.check_step:
         for k, v in check_step(a.setup).items():
             print(f"{k}: {v:.3e}")
@@ -284,6 +427,7 @@ def main() -> None:
     total: list[list[int]] = []
     all_protos_acc: list[float] = []
     proto_norms: list[list[float]] = []
+    proto_cos: list[list[float]] = []
     original = repe.RePE.eval_agent
 
     def eval_agent(self, loader, task, mode="valid"):
@@ -300,7 +444,9 @@ def main() -> None:
         all_protos_acc.append(100.0 * float((pred_all[mask] == ty[mask]).float().mean()))
         correct.append([int(((pred == ty) & (ty // cpt == j)).sum()) for j in range(n_tasks)])
         total.append([int((ty // cpt == j).sum()) for j in range(n_tasks)])
-        proto_norms.append([round(float(w.norm()), 6) for w in heads[: task + 1]])
+        proto_norms.append([round(w.norm().item(), 6) for w in heads[: task + 1]])
+        proto_cos.append([round((F.normalize(w[:1], dim=1) @ F.normalize(w[1:], dim=1).T).max().item(), 6)
+                          for w in heads[: task + 1]])
         return accs
 
     repe.RePE.eval_agent = eval_agent
@@ -327,7 +473,8 @@ def main() -> None:
                     matrix=matrix,
                     extra={"til_matrix": til_matrix,
                            "til_acc": [float(np.mean(r[: i + 1])) for i, r in enumerate(til_rows)],
-                           "cil_all_protos_acc": all_protos_acc, "proto_norms": proto_norms})
+                           "cil_all_protos_acc": all_protos_acc, "proto_norms": proto_norms,
+                           "proto_max_cos": proto_cos})
     import json
 
     Path(a.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
