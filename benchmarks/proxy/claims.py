@@ -133,6 +133,25 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
                      f"{sorted({x.get('added_params') for x in sema})}).")
     else:
         lines.append("* SEMA: not run.")
+    # RanPAC and APER against SimpleCIL (ncm) on the same pre-trained ViT
+    ncm = last(("vit", "ncm"))
+    for name, label, strict in (("ranpac", "RanPAC", True), ("aper", "APER", False)):
+        mine = last(("vit", name))
+        if mine and ncm:
+            a, b = statistics.mean(mine), statistics.mean(ncm)
+            ok = a > b if strict else a >= b
+            line = (f"* **{label} {'above' if strict else 'at least as good as'} SimpleCIL (`ncm`): "
+                    f"{'held' if ok else 'did not hold'}.** Last accuracy {ms(mine)} % vs {ms(ncm)} % for `ncm` on "
+                    f"the same pre-trained ViT ({100 * (a - b):+.1f} points, {n_seeds(get(('vit', name), []))}).")
+            if name == "aper":
+                pre = [final_pass(r, "pretrained") for r in get(("vit", name), [])]
+                ada = [final_pass(r, "adapted") for r in get(("vit", name), [])]
+                if all(v is not None for v in pre + ada):
+                    line += (f" Its halves alone: pre-trained features {ms(pre)} % (SimpleCIL inside the same run), "
+                             f"adapted features {ms(ada)} %.")
+            lines.append(line)
+        else:
+            lines.append(f"* {label} vs `ncm`: not run.")
     # k-FPF vs ER
     kf, er = get(("scratch", "kfpf"), []), get(("scratch", "er"), [])
     if kf and er:
