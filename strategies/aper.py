@@ -80,7 +80,7 @@ class APER(FirstSessionAdaptation, CLStrategy):
         self.register_buffer("sums", torch.zeros(0, dim, dtype=torch.float64))  # (C_seen, 2D)
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # (C_seen,)
         self.register_buffer("means", torch.zeros(0, dim))  # (C_seen, 2D) = sums / counts, float32
-        self._cache: tuple[Any, Tensor] | None = None  # (key of the last batch, its concatenated features)
+        self._cache: tuple[Tensor, int, Tensor] | None = None  # (last eval batch, its version, its features)
 
     # ------------------------------------------------------------------ CL hooks
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
@@ -108,7 +108,7 @@ class APER(FirstSessionAdaptation, CLStrategy):
         sums, counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
         for x, y in ctx.loader(data, train=False, batch_size=self.cfg.feature_batch_size):
             x, y = x.to(ctx.device), y.to(ctx.device)
-            sums, counts = accumulate(sums, counts, self.dual_features(self.eval_transform(x)), y)
+            sums, counts = accumulate(sums, counts, self.dual_features(self.eval_transform(x), cache=False), y)
         self.train(was_training)
         return sums, counts
 
@@ -131,17 +131,21 @@ class APER(FirstSessionAdaptation, CLStrategy):
         self._update_means()
 
     # ------------------------------------------------------------------ prediction
-    def dual_features(self, x: Tensor) -> Tensor:
-        """``[phi(x), phi_adapted(x)]`` (B, 2D); the pre-trained branch is the backbone with the adapter off."""
-        key = (x.data_ptr(), x._version, tuple(x.shape), x.device)
-        if self._cache is not None and self._cache[0] == key and not torch.is_grad_enabled():
-            return self._cache[1]  # the passes main/pretrained/adapted of one evaluation batch share it
+    def dual_features(self, x: Tensor, cache: bool = True) -> Tensor:
+        """``[phi(x), phi_adapted(x)]`` (B, 2D); the pre-trained branch is the backbone with the adapter off.
+
+        With ``cache`` (evaluation), the passes main/pretrained/adapted of one batch share one forward of each branch:
+        the cache keeps a reference to the batch itself (an address alone could be reused by the next batch) and
+        its version counter (an in-place change invalidates it).
+        """
+        hit = self._cache
+        if cache and hit is not None and hit[0] is x and hit[1] == x._version:
+            return hit[2]
         with active_adapters(self.backbone, []):
             pre = self.features(x)
         adapted = self.features(x)
         f = torch.cat([pre, adapted], dim=1)
-        if not torch.is_grad_enabled():
-            self._cache = (key, f)
+        self._cache = (x, x._version, f) if cache and not torch.is_grad_enabled() else None
         return f
 
     def _cosine(self, f: Tensor, means: Tensor) -> Tensor:

@@ -16,9 +16,9 @@ VIT = ["backbone=vit_p4_w64_d4", "backbone.depth=2", "scenario.image_size=16", "
 
 def test_first_session_adapter_then_prototypes_of_concatenated_features(tmp_path):
     cfg = build_config(None, ["strategy=aper", *TINY, *VIT, "strategy.epochs=1", "strategy.lr=0.05",
-                              f"run.dir={tmp_path / 'run'}"])
+                              "data.eval_batch_size=16", f"run.dir={tmp_path / 'run'}"])  # several feature batches
     runner = Runner(cfg)
-    runner.run()
+    results = runner.run()
     model = runner.model.cpu().eval()
     pet = dict(pet_named_parameters(model.backbone))
     assert pet, "an adapter is injected into every block"
@@ -51,6 +51,11 @@ def test_first_session_adapter_then_prototypes_of_concatenated_features(tmp_path
         torch.testing.assert_close(model(x), cos(torch.cat([pre, adapted], 1), model.means), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.pretrained_logits(x), cos(pre, model.means[:, :d]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.adapted_logits(x), cos(adapted, model.means[:, d:]), rtol=1e-5, atol=1e-5)
+        # the evaluation loop (batches of 16, three passes sharing a feature cache) counts what these logits predict
+        for j, exp in enumerate(runner.scenario.experiences):
+            x = model.eval_transform(exp.test.source.batch(torch.as_tensor(exp.test.indices)))
+            hand = int((model(x).argmax(1) == torch.as_tensor(exp.test.targets)).sum())
+            assert results["correct"][-1][j] == hand, (j, results["correct"][-1][j], hand)
 
 
 def test_without_adaptation_aper_is_simplecil(tmp_path):
