@@ -124,3 +124,27 @@ def plot_compare(labels: Sequence[str], means: Sequence[float], stds: Sequence[f
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(metric)
     return save(fig, path)
+
+
+def plot_exp_confusion(confusion: Any, title: str = "", path: str | os.PathLike | None = None) -> Figure:
+    """Row-normalised experience confusion in percent: of the test samples of experience j (rows), the share
+    predicted as a class of experience k (columns). Mass right of the diagonal is the pull of newer classes."""
+    c = _as_array(confusion).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = c / c.sum(1, keepdims=True)
+    n = r.shape[0]
+    fig, ax = _new((1.2 + 0.55 * max(n, 3), 1.0 + 0.5 * max(n, 3)))
+    im = ax.imshow(np.ma.masked_invalid(100 * r), vmin=0, vmax=100, cmap="magma", aspect="auto")
+    fig.colorbar(im, ax=ax, label="share of the experience's test samples (%)")
+    ax.set_xticks(range(n), [str(j) for j in range(n)])
+    ax.set_yticks(range(n), [str(i) for i in range(n)])
+    ax.set_xlabel("predicted as a class of experience k")
+    ax.set_ylabel("test samples of experience j")
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                if not np.isnan(r[i, j]):
+                    ax.text(j, i, f"{100 * r[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if r[i, j] < 0.6 else "black")
+    ax.set_title(title or "experience confusion after the last experience")
+    return save(fig, path)

@@ -107,6 +107,15 @@ def _group_plots(g: RunGroup, out: Path) -> dict[str, str]:
         rel = f"plots/{g.slug()}_{kind}.png"
         fn(mat, title=title, path=out / rel)
         files[kind] = rel
+    confusions = [(r.metrics.get("experiences") or [{}])[-1].get("exp_confusion") for r in g.runs]
+    if confusions and all(c is not None for c in confusions) and len({len(c) for c in confusions}) == 1:
+        from cl.plots import plot_exp_confusion
+
+        shares = [np.asarray(c, float) / np.maximum(np.asarray(c, float).sum(1, keepdims=True), 1) for c in confusions]
+        rel = f"plots/{g.slug()}_confusion.png"
+        plot_exp_confusion(np.mean(shares, 0), title=f"old vs new classes after the last experience: {g.label}{suffix}",
+                           path=out / rel)
+        files["confusion"] = rel
     return files
 
 
@@ -153,7 +162,8 @@ def _markdown(shown: pd.DataFrame, groups: list[RunGroup], plots: dict[str, dict
         p = plots[g.label]
         parts += [f"## {g.label}", "", "Runs: " + ", ".join(f"`{r.run_dir}`" for r in g.runs), "",
                   f"![accuracy matrix]({p['matrix']})", f"![accuracy per experience]({p['over_time']})",
-                  f"![forgetting per experience]({p['forgetting']})", ""]
+                  f"![forgetting per experience]({p['forgetting']})",
+                  *([f"![old vs new classes]({p['confusion']})"] if "confusion" in p else []), ""]
     return "\n".join(parts)
 
 
@@ -164,7 +174,7 @@ def _html(shown: pd.DataFrame, groups: list[RunGroup], plots: dict[str, dict[str
         p = plots[g.label]
         body += [f"<h2>{html.escape(g.label)}</h2>",
                  "<p>Runs: " + ", ".join(f"<code>{html.escape(str(r.run_dir))}</code>" for r in g.runs) + "</p>"]
-        body += [f'<img src="{p[k]}" alt="{k}">' for k in ("matrix", "over_time", "forgetting")]
+        body += [f'<img src="{p[k]}" alt="{k}">' for k in ("matrix", "over_time", "forgetting", "confusion") if k in p]
     return ("<!doctype html>\n<html><head><meta charset='utf-8'><title>cl report</title><style>"
             "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} td,th{padding:4px 8px;"
             "border:1px solid #ccc;text-align:right} img{max-width:48%;margin:4px}</style></head><body>\n"

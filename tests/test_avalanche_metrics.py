@@ -89,6 +89,11 @@ def test_identical_predictions_give_avalanche_numbers():
             res = strategy.eval(bench.test_stream[: i + 1])
             counts = evaluate(model, scenario.experiences[: i + 1], Dist(), torch.device("cpu"), batch_size=5)
             ours.set_row(i, counts["main"].correct, counts["main"].total)
+            # the experience confusion: which experience's classes each test sample was predicted as
+            preds = table[i, :, : 2 * (i + 1)].argmax(1) // 2
+            true = torch.as_tensor(np.concatenate([[c] * n for c, n in enumerate(PER_CLASS)])) // 2
+            expected = [[int(((true == j) & (preds == k)).sum()) for k in range(i + 1)] for j in range(i + 1)]
+            assert counts["main"].exp_confusion == expected
             for j in range(i + 1):
                 assert res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"] == pytest.approx(
                     ours.acc(i, j), abs=1e-12)
@@ -104,3 +109,20 @@ def test_identical_predictions_give_avalanche_numbers():
     assert r[1, 0] > r[0, 0]
     chaudhry = np.mean([max(r[j:T - 1, j]) - r[T - 1, j] for j in range(T - 1)])
     assert s["forgetting"] == pytest.approx(chaudhry) and s["forgetting"] > s["stream_forgetting"] + 0.05
+
+
+def test_experience_confusion_is_saved_and_drawn(tmp_path):
+    from cl.config import build_config
+    from cl.report import build_report
+    from cl.runner import Runner
+    from conftest import TINY, read_metrics
+
+    Runner(build_config(None, [*TINY, f"run.dir={tmp_path / 'runs' / 'r'}"])).run()
+    m = read_metrics(tmp_path / "runs" / "r")
+    for i, e in enumerate(m["experiences"]):  # rows: true experience, columns: predicted; every sample counted once
+        assert [sum(row) for row in e["exp_confusion"]] == m["total"][i][: i + 1]
+        assert [e["exp_confusion"][j][j] >= m["correct"][i][j] for j in range(i + 1)] == [True] * (i + 1)
+    rep = build_report([tmp_path / "runs"], out=tmp_path / "rep")
+    (png,) = (tmp_path / "rep" / "plots").glob("*_confusion.png")
+    assert png.stat().st_size > 0 and f"plots/{png.name}" in (tmp_path / "rep" / "report.md").read_text()
+    assert rep["files"]

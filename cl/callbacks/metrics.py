@@ -75,6 +75,9 @@ class MetricsCallback(CLCallback):
         entry["passes_seen_acc"] = {
             name: float(np.sum(c.correct[:k]) / max(1, np.sum(c.total[:k]))) for name, c in results.items()}
         entry["extra"] = dict(ctx.records.get(i, {}))
+        if main.exp_confusion is not None:  # rows: true experience, columns: predicted experience (counts)
+            rows = main.exp_confusion if ctx.cfg.run.eval_unseen else [r[:k] for r in main.exp_confusion[:k]]
+            entry["exp_confusion"] = rows
         summary = self.matrix.summary()
         metrics: dict[str, float] = {f"eval/exp{j}/acc": main.acc(j) for j in range(k)}
         metrics.update({f"cl/{key}": v for key, v in summary.items() if v is not None})
