@@ -80,6 +80,23 @@ ROWS: dict[str, dict] = {
 }
 
 
+def annotate_ours(path: Path) -> list[list[int]]:
+    """Copy our adapters per block after each experience (``records[i]['sema/adapters_per_block']``, written by
+    ``SEMA.on_experience_end``) and the detection z-scores into ``extra['adapters']`` / ``extra['detect_z']`` of an
+    ``ours_seed<s>.json`` (``run_ours`` keeps them only under ``extra['records']``), so both sides read alike::
+
+        python -c "from benchmarks.parity.official.sema import annotate_ours as a; from pathlib import Path; \
+                   [a(p) for p in Path('benchmarks/parity/results/sema').glob('ours_seed*.json')]"
+    """
+    res = json.loads(Path(path).read_text())
+    recs = res["extra"]["records"]
+    order = sorted(recs, key=int)
+    res["extra"]["adapters"] = [recs[k]["sema/adapters_per_block"] for k in order]
+    res["extra"]["detect_z"] = {k: recs[k].get("sema/detect_z", {}) for k in order}
+    Path(path).write_text(json.dumps(res, indent=1) + "\n")
+    return res["extra"]["adapters"]
+
+
 class _NNProxy:
     """``torch.nn`` with ``Linear(768, n)`` built as ``Linear(width, n)`` (their classifier's hard-coded input)."""
 
@@ -235,6 +252,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--hp", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override hyperparameters of the row (experiments only; JSON values)")
+    ap.add_argument("--tasks", type=int, default=0, help="stop after this many tasks (diagnostics only)")
     args = ap.parse_args()
 
     from benchmarks.parity.common import RunResult, load_npz, official_source
@@ -248,7 +266,6 @@ def main() -> None:
     _install_shim(setup, spec, captured)
     import numpy as np
     import torch
-
     import trainer
     import utils.factory as factory
     from backbone.sema_block import SEMAModules
@@ -275,6 +292,7 @@ def main() -> None:
         return m.adapters[0].rd is not None
 
     logits: list[list[float]] = []
+    heads: list[list[list[float]]] = []  # [after t][test group j][head k]: mean over j's samples of head k's max logit
     cpt = int(setup["classes_per_task"])
     for t in range(data_manager.nb_tasks):
         captured["task"]["t"], captured["task"]["batch"] = t, 0
@@ -295,6 +313,10 @@ def main() -> None:
             out = torch.cat([net(xb)["logits"][:, : (t + 1) * cpt] for xb in xs[keep].split(256)])
             yk = ys[keep]
             logits.append([round(out[yk // cpt == j].max(1).values.mean().item(), 3) for j in range(t + 1)])
+            heads.append([[round(out[yk // cpt == j][:, k * cpt:(k + 1) * cpt].max(1).values.mean().item(), 3)
+                           for k in range(t + 1)] for j in range(t + 1)])
+        if args.tasks and t + 1 >= args.tasks:
+            break
 
     n_tasks = int(setup["n_tasks"])
     matrix: list[list[float | None]] = []
@@ -313,7 +335,8 @@ def main() -> None:
     acc = [100.0 * sum(c[: t + 1]) / sum(n[: t + 1]) for t, (c, n) in enumerate(zip(correct, total))]
     wall = time.perf_counter() - start
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=acc, wall_s=round(wall, 2), matrix=matrix,
-                    extra={"adapters": adapters, "rd_windows": windows, "detect": captured["detect"], "max_logit_per_group": logits,
+                    extra={"adapters": adapters, "rd_windows": windows, "detect": captured["detect"],
+                           "max_logit_per_group": logits, "head_logits": heads,
                            "official_last_top1": float(cnn_accy["top1"]), "hyperparameters": spec})
     Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
     np.testing.assert_allclose(acc[-1], float(cnn_accy["top1"]), atol=0.01)  # their own top-1 (2 decimals)
