@@ -44,8 +44,10 @@ from cl.config import DataConfig, build_config, opt, section
 from cl.errors import UserError
 from cl.utils import atomic_torch_save, atomic_write_json, seed_everything, tensor_hash
 
-#: keys that do not change the trained weights, left out of the config hash
-HASH_EXCLUDE = (("pretrain", "output"), ("pretrain", "threads"), ("data", "root"), ("data", "num_workers"))
+#: keys that do not change the trained weights, left out of the config hash (the pre-training loop is a plain
+#: loop of its own: the stream loader's keys, drop_last and num_workers, do not reach it)
+HASH_EXCLUDE = (("pretrain", "output"), ("pretrain", "threads"), ("data", "root"), ("data", "num_workers"),
+                ("data", "drop_last"))
 
 
 @dataclass
