@@ -46,7 +46,9 @@ Shims (all applied in :func:`install_shims` / :func:`patch_official` before ``Ap
 * Recording only (no effect on training): ``MyModule.post_eval_epoch`` is wrapped to keep, after the last
   evaluation of each task, their ensemble/online/offline predictions (``eval_epoch``'s return value), their
   ``val_acc``/``val_task_accs``, and the per-head logit statistics of the online and offline experts on the test
-  samples of each seen task (the "newest experience at 0 %" investigation).
+  samples of each seen task after its last epoch (the "newest experience at 0 %" investigation). The seen
+  accuracy written to ``--out`` is checked against their own ``val_acc`` counts.
+* ``--convention normalized`` (not a row; an extra measurement): both sides on mean/std-normalised inputs.
 
 ``torch.set_float32_matmul_precision("medium")`` (their ``libml.core.abc._fix_f32_mp``) is left as they set it.
 """
