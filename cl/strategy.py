@@ -104,6 +104,7 @@ class CLStrategy(pl.LightningModule):
         """Grow for the new classes. Default: remember the experience and the number of seen classes."""
         self.exp_index = exp.index
         self.n_seen = max(self.n_seen, max(exp.classes) + 1)
+        self.__dict__.pop("_batch_cache", None)  # the last evaluation batch and its features (see batch_cached)
 
     def phases(self, exp: Experience, ctx: RunContext) -> Iterator[Phase]:
         """The training phases of an experience. Default: one phase of ``cfg.epochs`` epochs on its data."""
@@ -136,6 +137,28 @@ class CLStrategy(pl.LightningModule):
     def cl_state_tensors(self) -> dict[str, Tensor]:
         """Every tensor of CL state (hashed across ranks in tests, sized in metrics). Default: the state dict."""
         return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def batch_cached(self, key: str, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """``fn(x)``, reused when the same batch asks again under ``key`` during no-grad evaluation.
+
+        The evaluation runs every pass of :meth:`eval_passes` on each batch one after the other; passes that share
+        a backbone forward (SLCA's aligned and unaligned heads, LAE's experts and their ensemble, APER's feature
+        halves) call it through here so the backbone runs once per batch and branch. The key holds the batch
+        tensor itself and its in-place version counter (an address alone could be reused by the next batch), so
+        another batch, an in-place change, training mode or autograd always recompute.
+        """
+        cache = self.__dict__.setdefault("_batch_cache", {})
+        if self.training or torch.is_grad_enabled():
+            cache.clear()
+            return fn(x)
+        hit = cache.get(key)
+        if hit is not None and hit[0] is x and hit[1] == x._version:
+            return hit[2]
+        if hit is not None and hit[0] is not x:
+            cache.clear()  # a new batch: drop every entry of the previous one
+        out = fn(x)
+        cache[key] = (x, x._version, out)
+        return out
 
     # ------------------------------------------------------------------ Lightning plumbing with sane defaults
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

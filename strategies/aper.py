@@ -80,7 +80,6 @@ class APER(FirstSessionAdaptation, CLStrategy):
         self.register_buffer("sums", torch.zeros(0, dim, dtype=torch.float64))  # (C_seen, 2D)
         self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # (C_seen,)
         self.register_buffer("means", torch.zeros(0, dim))  # (C_seen, 2D) = sums / counts, float32
-        self._cache: tuple[Tensor, int, Tensor] | None = None  # (last eval batch, its version, its features)
 
     # ------------------------------------------------------------------ CL hooks
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
@@ -98,7 +97,6 @@ class APER(FirstSessionAdaptation, CLStrategy):
         self.sums += ctx.dist.all_reduce_sum(sums)
         self.counts += ctx.dist.all_reduce_sum(counts)
         self._update_means()
-        self._cache = None
 
     @torch.no_grad()
     def class_sums(self, data: ExperienceData, ctx: RunContext) -> tuple[Tensor, Tensor]:
@@ -134,19 +132,15 @@ class APER(FirstSessionAdaptation, CLStrategy):
     def dual_features(self, x: Tensor, cache: bool = True) -> Tensor:
         """``[phi(x), phi_adapted(x)]`` (B, 2D); the pre-trained branch is the backbone with the adapter off.
 
-        With ``cache`` (evaluation), the passes main/pretrained/adapted of one batch share one forward of each branch:
-        the cache keeps a reference to the batch itself (an address alone could be reused by the next batch) and
-        its version counter (an in-place change invalidates it).
+        With ``cache`` (evaluation), the passes main/pretrained/adapted of one batch share one forward of each
+        branch (:meth:`CLStrategy.batch_cached`).
         """
-        hit = self._cache
-        if cache and hit is not None and hit[0] is x and hit[1] == x._version:
-            return hit[2]
+        return self.batch_cached("dual", x, self._dual) if cache else self._dual(x)
+
+    def _dual(self, x: Tensor) -> Tensor:
         with active_adapters(self.backbone, []):
             pre = self.features(x)
-        adapted = self.features(x)
-        f = torch.cat([pre, adapted], dim=1)
-        self._cache = (x, x._version, f) if cache and not torch.is_grad_enabled() else None
-        return f
+        return torch.cat([pre, self.features(x)], dim=1)
 
     def _cosine(self, f: Tensor, means: Tensor) -> Tensor:
         return F.normalize(f, dim=1) @ F.normalize(means, dim=1).t()  # (B, C_seen)

@@ -182,10 +182,11 @@ class LAE(CLStrategy):
         return self.classifier(f) if len(self.classifier.heads) else f.new_zeros(len(f), 0)
 
     def online_logits(self, x: Tensor) -> Tensor:
-        return self.expert_logits(x, ONLINE)
+        # evaluation: the ensemble (main) and the online/offline passes share one backbone forward per expert
+        return self.batch_cached(ONLINE, x, lambda b: self.expert_logits(b, ONLINE))
 
     def offline_logits(self, x: Tensor) -> Tensor:
-        return self.expert_logits(x, OFFLINE)
+        return self.batch_cached(OFFLINE, x, lambda b: self.expert_logits(b, OFFLINE))
 
     def forward(self, x: Tensor) -> Tensor:
         """The ensemble: max over the two experts of their softmax (the online expert alone before it exists)."""

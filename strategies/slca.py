@@ -127,12 +127,10 @@ class SLCA(CLStrategy):
         self.bank = GaussianBank(backbone.num_features)
         self.backup: list[tuple[Tensor, Tensor]] | None = None
         self.known = 0  # classes of the experiences before the current one (K_old)
-        self._feature_cache: tuple[Tensor, int, Tensor] | None = None  # (batch, its version, features), eval only
 
     # ------------------------------------------------------------------ CL hooks
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
         super().on_experience_start(exp, ctx)
-        self._feature_cache = None
         self.restore_backup()
         self.known = self.classifier.n_classes
         if self.n_seen > self.known:
@@ -171,22 +169,9 @@ class SLCA(CLStrategy):
         return torch.cat([F.linear(f, w.to(f), b.to(f)) for w, b in self.backup], dim=1)
 
     def eval_features(self, x: Tensor) -> Tensor:
-        """Backbone features of ``x``; in no-grad eval mode the last batch's are reused for the same batch.
-
-        The evaluation runs both passes (``main``, ``unaligned``) on each batch, one after the other, and only the
-        heads differ: without the cache the backbone ran twice per test batch (about a quarter of a parity run's
-        time on the tiny ViT). The key is the tensor object and its in-place version counter, so a batch changed
-        in place, another batch, training or autograd always recompute.
-        """
-        if self.training or torch.is_grad_enabled():
-            self._feature_cache = None
-            return self.features(x)
-        cache = self._feature_cache
-        if cache is not None and cache[0] is x and cache[1] == x._version:
-            return cache[2]
-        f = self.features(x)
-        self._feature_cache = (x, x._version, f)
-        return f
+        """Backbone features of ``x``; the evaluation passes (``main``, ``unaligned``) differ only in their heads,
+        so they share one backbone forward per test batch (:meth:`CLStrategy.batch_cached`)."""
+        return self.batch_cached("features", x, self.features)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

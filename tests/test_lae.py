@@ -237,3 +237,27 @@ def test_offline_expert_keeps_old_classes_and_ensemble(tmp_path):
     assert off[0] > on[0], f"offline {off[0]:.3f} vs online {on[0]:.3f} on the old experience"
     seen = lambda acc: (acc[0] + acc[1]) / 2  # noqa: E731 - equal test sizes (1,000 images per class)
     assert seen(ens) >= min(seen(on), seen(off)), (ens, on, off)
+
+
+def test_ensemble_and_experts_share_one_backbone_forward_per_expert(tmp_path):
+    """Evaluation runs main (the ensemble), online and offline on each batch: two backbone forwards, not four,
+    and the same counts as each pass computed on its own copy of the data."""
+    from cl.distributed import Dist
+    from cl.evaluation import evaluate
+
+    runner = Runner(build_config(None, [*TINY_LAE, "run.checkpoint=false", f"run.dir={tmp_path / 'run'}"]))
+    runner.run()
+    model, exps = runner.model, runner.scenario.experiences
+    assert model.has_offline
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    res = evaluate(model, exps, Dist(), torch.device("cpu"), batch_size=50)
+    hook.remove()
+    batches = sum(-(-len(e.test) // 50) for e in exps)
+    assert len(calls) == 2 * batches
+    model.eval()
+    with torch.no_grad():
+        x = model.eval_transform(torch.cat([e.test.source.batch(torch.as_tensor(e.test.indices)) for e in exps]))
+        y = torch.cat([torch.as_tensor(e.test.targets) for e in exps])
+        for name, fn in model.eval_passes().items():
+            assert sum(res[name].correct) == int((fn(x.clone()).argmax(1) == y).sum()), name
