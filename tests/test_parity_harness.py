@@ -107,3 +107,13 @@ def test_table_numbers_by_hand(tmp_path):
     table.write_readme(text, readme)
     written = readme.read_text()
     assert written.startswith("intro\n") and written.endswith("outro\n") and "old" not in written and "0.50x" in written
+
+
+def test_counts_from_predictions_by_hand():
+    from benchmarks.parity.common import counts_from_predictions
+
+    # 2 experiences of 2 classes; after exp 0: 3/4 right on exp 0; after exp 1: exp 0 2/4, exp 1 1/2
+    evals = [([0, 1, 1, 0], [0, 1, 1, 1]), ([0, 3, 1, 0, 2, 2], [0, 1, 1, 1, 2, 3])]
+    acc, matrix = counts_from_predictions(evals, n_tasks=2, classes_per_task=2)
+    assert acc == pytest.approx([75.0, 50.0])
+    assert matrix == [[75.0, None], [50.0, 50.0]]

@@ -192,6 +192,26 @@ def seen_accuracy(correct: list[list[int]], total: list[list[int]]) -> list[floa
     return out
 
 
+def counts_from_predictions(evals: list[tuple[Any, Any]], n_tasks: int, classes_per_task: int
+                            ) -> tuple[list[float], list[list[float | None]]]:
+    """(seen accuracy after each experience, per-experience matrix in %) from one ``(y_pred, y_true)`` pair per
+    evaluation (labels are class-order positions, so experience j owns labels ``j * cpt .. (j + 1) * cpt - 1``)."""
+    correct, total, matrix = [], [], []
+    for t, (y_pred, y_true) in enumerate(evals):
+        y_pred, y_true = np.asarray(y_pred), np.asarray(y_true)
+        row_c, row_n, row_m = [], [], []
+        for j in range(n_tasks):
+            mask = (y_true // classes_per_task) == j
+            c, n = int((y_pred[mask] == y_true[mask]).sum()), int(mask.sum())
+            row_c.append(c)
+            row_n.append(n)
+            row_m.append(100.0 * c / n if j <= t and n else None)
+        correct.append(row_c)
+        total.append(row_n)
+        matrix.append(row_m)
+    return seen_accuracy(correct, total), matrix
+
+
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                PYTHONWARNINGS="ignore")

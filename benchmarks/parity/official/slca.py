@@ -180,7 +180,7 @@ def main() -> None:
                     help="torch seed (default: --seed; 1 = their trainer's fixed seed), for noise measurements")
     args = ap.parse_args()
 
-    from benchmarks.parity.common import RunResult, load_npz, official_source
+    from benchmarks.parity.common import RunResult, counts_from_predictions, load_npz, official_source
 
     src = official_source("slca")
     sys.path.insert(0, str(src))
@@ -204,20 +204,7 @@ def main() -> None:
 
     cpt = int(setup["classes_per_task"])
     n_tasks = int(setup["n_tasks"])
-    matrix: list[list[float | None]] = []
-    correct, total = [], []
-    for t, (y_pred, y_true) in enumerate(captured["evals"]):
-        row_c, row_n, row_m = [], [], []
-        for j in range(n_tasks):
-            mask = (y_true // cpt) == j
-            c, n = int((y_pred[mask] == y_true[mask]).sum()), int(mask.sum())
-            row_c.append(c)
-            row_n.append(n)
-            row_m.append(100.0 * c / n if j <= t and n else None)
-        correct.append(row_c)
-        total.append(row_n)
-        matrix.append(row_m)
-    acc = [100.0 * sum(c[: t + 1]) / sum(n[: t + 1]) for t, (c, n) in enumerate(zip(correct, total))]
+    acc, matrix = counts_from_predictions(captured["evals"], n_tasks, cpt)
     wall = time.perf_counter() - start
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=acc, wall_s=round(wall, 2), matrix=matrix,
                     extra={"official_final_top1": float(final), "official_avg_top1": float(avg),
