@@ -38,7 +38,7 @@ from cl.config import StrategyConfig, opt
 from cl.peft import active_adapters
 from cl.registry import register_strategy
 from cl.strategy import CLStrategy, Phase
-from strategies.ncm import accumulate
+from strategies.ncm import ClassMeans, accumulate
 
 if TYPE_CHECKING:
     from cl.runner import RunContext
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 
 @register_strategy("aper")
-class APER(FirstSessionAdaptation, CLStrategy):
+class APER(FirstSessionAdaptation, ClassMeans, CLStrategy):
     """First-session adapter, then cosine prototypes on [pre-trained, adapted] features (IJCV'24)."""
 
     description = "first-session adapter, cosine prototypes on pre-trained + adapted features concatenated (IJCV'24)"
@@ -77,9 +77,7 @@ class APER(FirstSessionAdaptation, CLStrategy):
         super().__init__(cfg, backbone, n_classes)
         self.setup_adaptation(backbone)
         dim = 2 * int(backbone.num_features)
-        self.register_buffer("sums", torch.zeros(0, dim, dtype=torch.float64))  # (C_seen, 2D)
-        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # (C_seen,)
-        self.register_buffer("means", torch.zeros(0, dim))  # (C_seen, 2D) = sums / counts, float32
+        self.init_class_means(dim)  # over the concatenated (2D) features
 
     # ------------------------------------------------------------------ CL hooks
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
@@ -109,24 +107,6 @@ class APER(FirstSessionAdaptation, CLStrategy):
             sums, counts = accumulate(sums, counts, self.dual_features(self.eval_transform(x), cache=False), y)
         self.train(was_training)
         return sums, counts
-
-    def _update_means(self) -> None:
-        seen = self.counts > 0
-        means = torch.zeros_like(self.sums)
-        means[seen] = self.sums[seen] / self.counts[seen].unsqueeze(1).to(self.sums.dtype)
-        self.means = means.to(self.means.dtype)
-
-    def _resize(self, n: int) -> None:
-        """Grow (or, in regrow, set) the buffers to ``n`` classes, keeping existing rows."""
-        old = self.sums.shape[0]
-        if n == old:
-            return
-        keep = min(n, old)
-        sums = torch.zeros(n, self.sums.shape[1], dtype=self.sums.dtype, device=self.sums.device)
-        counts = torch.zeros(n, dtype=self.counts.dtype, device=self.counts.device)
-        sums[:keep], counts[:keep] = self.sums[:keep], self.counts[:keep]
-        self.sums, self.counts = sums, counts
-        self._update_means()
 
     # ------------------------------------------------------------------ prediction
     def dual_features(self, x: Tensor, cache: bool = True) -> Tensor:

@@ -34,8 +34,42 @@ if TYPE_CHECKING:
     from scenarios.base import Experience, ExperienceData
 
 
+class ClassMeans:
+    """Per-class feature ``sums`` (float64), ``counts`` and ``means`` as buffers, grown with the seen classes: the
+    state of the prototype classifiers (``ncm``, ``aper``). Mixed into a :class:`CLStrategy`."""
+
+    sums: Tensor
+    counts: Tensor
+    means: Tensor
+
+    def init_class_means(self, dim: int) -> None:
+        self.register_buffer("sums", torch.zeros(0, dim, dtype=torch.float64))  # (C_seen, D)
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # (C_seen,)
+        self.register_buffer("means", torch.zeros(0, dim))  # (C_seen, D) = sums / counts, float32
+
+    def _update_means(self) -> None:
+        seen = self.counts > 0
+        means = torch.zeros_like(self.sums)
+        means[seen] = self.sums[seen] / self.counts[seen].unsqueeze(1).to(self.sums.dtype)
+        self.means = means.to(self.means.dtype)
+
+    def _resize(self, n: int) -> None:
+        """Grow (or shrink, in regrow) the buffers to ``n`` classes, keeping existing rows."""
+        old = self.sums.shape[0]
+        if n == old:
+            return
+        dev = self.sums.device
+        keep = min(n, old)
+        sums = torch.zeros(n, self.sums.shape[1], dtype=self.sums.dtype, device=dev)
+        counts = torch.zeros(n, dtype=self.counts.dtype, device=dev)
+        sums[:keep], counts[:keep] = self.sums[:keep], self.counts[:keep]
+        self.sums, self.counts = sums, counts
+        self._update_means()
+
+
+
 @register_strategy("ncm")
-class NCM(CLStrategy):
+class NCM(ClassMeans, CLStrategy):
     description = "nearest class mean (cosine) on a frozen pre-trained backbone, no training (SimpleCIL baseline)"
     input_convention = "unit"
     trains_parameters = False
@@ -53,9 +87,7 @@ class NCM(CLStrategy):
         super().__init__(cfg, backbone, n_classes)
         self.backbone.requires_grad_(False)
         dim = int(backbone.num_features)
-        self.register_buffer("sums", torch.zeros(0, dim, dtype=torch.float64))  # (C_seen, D)
-        self.register_buffer("counts", torch.zeros(0, dtype=torch.int64))  # (C_seen,)
-        self.register_buffer("means", torch.zeros(0, dim))  # (C_seen, D) = sums / counts, float32
+        self.init_class_means(dim)
 
     # ------------------------------------------------------------------ CL hooks
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
@@ -87,25 +119,6 @@ class NCM(CLStrategy):
             sums, counts = accumulate(sums, counts, self.features(self.eval_transform(x)), y)
         self.train(was_training)
         return sums, counts
-
-    def _update_means(self) -> None:
-        seen = self.counts > 0
-        means = torch.zeros_like(self.sums)
-        means[seen] = self.sums[seen] / self.counts[seen].unsqueeze(1).to(self.sums.dtype)
-        self.means = means.to(self.means.dtype)
-
-    def _resize(self, n: int) -> None:
-        """Grow (or shrink, in regrow) the buffers to ``n`` classes, keeping existing rows."""
-        old = self.sums.shape[0]
-        if n == old:
-            return
-        dev = self.sums.device
-        keep = min(n, old)
-        sums = torch.zeros(n, self.sums.shape[1], dtype=self.sums.dtype, device=dev)
-        counts = torch.zeros(n, dtype=self.counts.dtype, device=dev)
-        sums[:keep], counts[:keep] = self.sums[:keep], self.counts[:keep]
-        self.sums, self.counts = sums, counts
-        self._update_means()
 
     # ------------------------------------------------------------------ prediction
     def forward(self, x: Tensor) -> Tensor:
