@@ -44,26 +44,32 @@ def _new(figsize: tuple[float, float]) -> tuple[Figure, Any]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def plot_matrix(matrix: Any, title: str = "", path: str | os.PathLike | None = None,
-                annotate: bool | None = None) -> Figure:
-    """Heatmap of ``R[i][j]`` in percent; cells never evaluated are blank. Numbers in cells up to 12 x 12."""
-    r = _as_array(matrix)
+def _heatmap(r: np.ndarray, *, cmap: str, label: str, xlabel: str, ylabel: str, annotate: bool) -> tuple:
+    """A percent heatmap of the fractions ``r`` (NaN cells blank), numbers in the cells when ``annotate``."""
     n_rows, n_cols = r.shape
     fig, ax = _new((1.2 + 0.55 * max(n_cols, 3), 1.0 + 0.5 * max(n_rows, 3)))
-    im = ax.imshow(np.ma.masked_invalid(100 * r), vmin=0, vmax=100, cmap="viridis", aspect="auto")
-    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    im = ax.imshow(np.ma.masked_invalid(100 * r), vmin=0, vmax=100, cmap=cmap, aspect="auto")
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_xticks(range(n_cols), [str(j) for j in range(n_cols)])
     ax.set_yticks(range(n_rows), [str(i) for i in range(n_rows)])
-    ax.set_xlabel("evaluated on experience j")
-    ax.set_ylabel("after training experience i")
-    if annotate is None:
-        annotate = max(n_rows, n_cols) <= 12
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if annotate:
         for i in range(n_rows):
             for j in range(n_cols):
                 if not np.isnan(r[i, j]):
                     ax.text(j, i, f"{100 * r[i, j]:.0f}", ha="center", va="center", fontsize=8,
                             color="white" if r[i, j] < 0.6 else "black")
+    return fig, ax
+
+
+def plot_matrix(matrix: Any, title: str = "", path: str | os.PathLike | None = None,
+                annotate: bool | None = None) -> Figure:
+    """Heatmap of ``R[i][j]`` in percent; cells never evaluated are blank. Numbers in cells up to 12 x 12."""
+    r = _as_array(matrix)
+    fig, ax = _heatmap(r, cmap="viridis", label="accuracy (%)", xlabel="evaluated on experience j",
+                       ylabel="after training experience i",
+                       annotate=max(r.shape) <= 12 if annotate is None else annotate)
     ax.set_title(title or "accuracy matrix")
     return save(fig, path)
 
@@ -132,19 +138,8 @@ def plot_exp_confusion(confusion: Any, title: str = "", path: str | os.PathLike 
     c = _as_array(confusion).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = c / c.sum(1, keepdims=True)
-    n = r.shape[0]
-    fig, ax = _new((1.2 + 0.55 * max(n, 3), 1.0 + 0.5 * max(n, 3)))
-    im = ax.imshow(np.ma.masked_invalid(100 * r), vmin=0, vmax=100, cmap="magma", aspect="auto")
-    fig.colorbar(im, ax=ax, label="share of the experience's test samples (%)")
-    ax.set_xticks(range(n), [str(j) for j in range(n)])
-    ax.set_yticks(range(n), [str(i) for i in range(n)])
-    ax.set_xlabel("predicted as a class of experience k")
-    ax.set_ylabel("test samples of experience j")
-    if n <= 12:
-        for i in range(n):
-            for j in range(n):
-                if not np.isnan(r[i, j]):
-                    ax.text(j, i, f"{100 * r[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                            color="white" if r[i, j] < 0.6 else "black")
+    fig, ax = _heatmap(r, cmap="magma", label="share of the experience's test samples (%)",
+                       xlabel="predicted as a class of experience k", ylabel="test samples of experience j",
+                       annotate=r.shape[0] <= 12)
     ax.set_title(title or "experience confusion after the last experience")
     return save(fig, path)

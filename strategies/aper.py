@@ -25,7 +25,7 @@ Input convention: ``unit`` ([0, 1]) inputs, as the official ViT pipeline does no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from cl.components.first_session import FirstSessionAdaptation
 from cl.config import StrategyConfig, opt
 from cl.peft import active_adapters
 from cl.registry import register_strategy
-from cl.strategy import CLStrategy, Phase
+from cl.strategy import CLStrategy
 from strategies.ncm import ClassMeans, accumulate
 
 if TYPE_CHECKING:
@@ -84,9 +84,6 @@ class APER(FirstSessionAdaptation, ClassMeans, CLStrategy):
         super().on_experience_start(exp, ctx)
         self._resize(self.n_seen)
         self.start_adaptation()
-
-    def phases(self, exp: Experience, ctx: RunContext) -> Iterator[Phase]:
-        return FirstSessionAdaptation.phases(self, exp, ctx)
 
     def on_experience_end(self, exp: Experience, ctx: RunContext) -> None:
         self.end_adaptation()

@@ -29,7 +29,6 @@ Input convention: ``unit`` ([0, 1]) inputs, as the official code does not normal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ from cl.components.first_session import FirstSessionAdaptation
 from cl.config import StrategyConfig, opt
 from cl.errors import ConfigError
 from cl.registry import register_strategy
-from cl.strategy import CLStrategy, Phase
+from cl.strategy import CLStrategy
 from scenarios.base import ExperienceData
 
 if TYPE_CHECKING:
@@ -112,9 +111,6 @@ class RanPAC(FirstSessionAdaptation, CLStrategy):
         super().on_experience_start(exp, ctx)
         self._resize(self.n_seen)
         self.start_adaptation()
-
-    def phases(self, exp: Experience, ctx: RunContext) -> Iterator[Phase]:
-        return FirstSessionAdaptation.phases(self, exp, ctx)
 
     def on_experience_end(self, exp: Experience, ctx: RunContext) -> None:
         self.end_adaptation()
