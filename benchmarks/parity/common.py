@@ -44,6 +44,8 @@ OFFICIAL: dict[str, tuple[str, str]] = {
     "lae": ("gqk/LAE", "1680e496b7ac7ffa408b13d3b1a53a9be9b87696"),
     "sema": ("huiyiwang01/SEMA-CL", "5a4551262d659c6d93dd6c50ff814e028554fbf3"),
     "prd": ("naderAsadi/Probing-Continual-Learning", "8b82d53b142ae8a13cd342a8a3da6b0ca2b4d28c"),
+    "ranpac": ("RanPAC/RanPAC", "012927f86e8d95dc9e7c6015a5e1048e6604c8b6"),
+    "aper": ("zhoudw-zdw/RevisitingCIL", "a2e6b71f6a2fed4421609a0917eea861fa387c76"),
 }
 SEEDS = (0, 1, 2)
 
