@@ -57,6 +57,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 #: the shared hyperparameters (both sides equal; scaled-down values of the official CIFAR config, spec (g)/(j))
 _HP = {"func_epoch": 3, "rd_epoch": 5, "init_lr": 0.005, "rd_lr": 0.01, "weight_decay": 0.0005, "batch_size": 32,
@@ -244,6 +245,303 @@ def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
     factory.get_model_capturing = get_model_capturing
 
 
+# ------------------------------------------------------------------------------------------------ whole-run replay
+def _official_names(prefix_block: int, k: int) -> dict[str, str]:
+    """Our parameter name (within mixture ``prefix_block``) -> THEIR name, for adapter ``k`` of that block."""
+    a = f"backbone.blocks.{prefix_block}.adapter_module.adapters.{k}."
+    return {f"adapters.{k}.down.weight": a + "functional.down_proj.weight",
+            f"adapters.{k}.down.bias": a + "functional.down_proj.bias",
+            f"adapters.{k}.up.weight": a + "functional.up_proj.weight",
+            f"adapters.{k}.up.bias": a + "functional.up_proj.bias",
+            f"descriptors.{k}.enc.weight": a + "rd.encoder.weight", f"descriptors.{k}.enc.bias": a + "rd.encoder.bias",
+            f"descriptors.{k}.dec.weight": a + "rd.decoder.weight", f"descriptors.{k}.dec.bias": a + "rd.decoder.bias"}
+
+
+def _group(name: str) -> str:
+    return {"adapters": "adapters", "descriptors": "rds", "router": "routers"}[name.split(".", 1)[0]]
+
+
+def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[str, Any]:
+    """THEIR whole run, then ours replaying it: same initial weights of every module when it is created, same batches.
+
+    1. THEIR learner runs the task loop of :func:`main` unmodified (seed ``seed``), while class-level wrappers only
+       observe: the index order of every shuffled loader iteration (their ``BatchSampler`` over a
+       ``RandomSampler``: the train loader's epochs, batch 32, and the detection passes, batch 128), the initial
+       values of every adapter, RD and router column when it is created (``SEMAModules.__init__`` /
+       ``add_adapter``), the classifier's before task 0 trains, every detection batch's z per RD, and after each
+       task the state of every adapter, router row, RD, RD loss window and the classifier.
+    2. Our :class:`~cl.runner.Runner` runs the same row with: ``RankBatchSampler.__iter__`` yielding THEIR index
+       order of the same loader (per experience and batch size, in order; their dataset positions mapped to ours
+       through the setup's indices), ``AdapterMixture.add`` loading THEIR initial values of the module it creates
+       (same block, same adapter index), the classifier THEIR initial values at experience 0. Everything else is
+       our code. At each experience end our parameters and windows are compared with THEIR snapshot of that task.
+
+    If the two runs take different decisions, ours asks for a module or a shuffle their run never made: then it
+    keeps its own (flagged in ``replay_misses``), so the report shows where the replay stopped being one.
+    Returns the report (accuracies, adapters per block, expansions with batch and z, per-batch z differences,
+    parameter and window differences per experience).
+    """
+    import shutil
+
+    import numpy as np
+    import torch
+    import torch.utils.data.sampler as tsampler
+
+    from benchmarks.parity.common import VIT_CKPT, counts_from_predictions, load_npz, official_source, seen_accuracy
+
+    sys.path.insert(0, str(official_source("sema")))
+    setup = load_npz(Path(setup_path))
+    n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
+    spec = dict(ROWS["sema"]["official"])
+    captured: dict = {}
+    _install_shim(setup, spec, captured)
+    import backbone.sema_block as sema_block
+    import models.sema as sema_mod
+
+    # ---- 1. THEIR run, observed
+    task = {"t": 0}
+    perms: dict[tuple[int, int], list[np.ndarray]] = {}
+    inits: dict[Any, dict[str, Any]] = {}
+    batch_iter = tsampler.BatchSampler.__iter__
+
+    def batch_iter_recording(self):
+        batches = list(batch_iter(self))  # the same draws at the same moment (first next of the loader)
+        if isinstance(self.sampler, tsampler.RandomSampler):
+            perms.setdefault((task["t"], self.batch_size), []).append(np.concatenate(batches))
+        yield from batches
+
+    mod_init, add_adapter = sema_block.SEMAModules.__init__, sema_block.SEMAModules.add_adapter
+
+    def mod_init_recording(self, config, layer_id, writer):
+        mod_init(self, config, layer_id, writer)
+        inits[(layer_id, 0)]["router.weight"] = self.router.weight.detach().clone()
+        inits[(layer_id, 0)]["router.bias"] = self.router.bias.detach().clone()
+
+    def add_adapter_recording(self, initialize=False):
+        add_adapter(self, initialize=initialize)
+        k = len(self.adapters) - 1
+        sd = {k_: v.detach().clone() for k_, v in self.adapters[k].state_dict().items()
+              if k_.startswith(("functional.", "rd."))}
+        entry = {ours: sd[theirs.split(f"adapters.{k}.", 1)[1]]
+                 for ours, theirs in _official_names(self.layer_id, k).items()
+                 if theirs.split(f"adapters.{k}.", 1)[1] in sd}
+        entry = {n.split(".", 2)[0] + "." + n.split(".", 2)[2]: v for n, v in entry.items()}  # drop the index
+        if not initialize:
+            entry["router.weight"] = self.new_router.weight.detach().clone()
+            entry["router.bias"] = self.new_router.bias.detach().clone()
+        inits[(self.layer_id, k)] = entry
+
+    train = sema_mod.Learner._train
+
+    def train_recording(self, train_loader, test_loader):
+        if self._cur_task == 0:
+            inits["classifier"] = {k: v.detach().clone() for k, v in self._network.fc.state_dict().items()}
+        return train(self, train_loader, test_loader)
+
+    tsampler.BatchSampler.__iter__ = batch_iter_recording
+    sema_block.SEMAModules.__init__ = mod_init_recording
+    sema_block.SEMAModules.add_adapter = add_adapter_recording
+    sema_mod.Learner._train = train_recording
+
+    def their_state(model) -> dict[str, Any]:
+        out: dict[str, Any] = {"params": {}, "windows": {}}
+        for m in model._network.backbone.modules():
+            if not isinstance(m, sema_block.SEMAModules):
+                continue
+            b = m.layer_id
+            for k, ad in enumerate(m.adapters):
+                sd = ad.state_dict()
+                for ours, theirs in _official_names(b, k).items():
+                    key = theirs.split(f"adapters.{k}.", 1)[1]
+                    if key in sd:
+                        out["params"][f"{b}.{ours}"] = sd[key].detach().clone()
+                if ad.rd is not None:
+                    out["windows"][f"{b}.{k}"] = ad.rd_loss_record.record[: ad.rd_loss_record.length].clone()
+                    out["params"][f"{b}.router.{k}.weight"] = m.router.weight[k:k + 1].detach().clone()
+                    out["params"][f"{b}.router.{k}.bias"] = m.router.bias[k:k + 1].detach().clone()
+        out["params"]["classifier.weight"] = model._network.fc.weight.detach().clone()
+        out["params"]["classifier.bias"] = model._network.fc.bias.detach().clone()
+        return out
+
+    import trainer
+    import utils.factory as factory
+    from utils.data_manager import DataManager
+
+    start = time.process_time()
+    Path("logs").mkdir(exist_ok=True)
+    targs = _official_args(spec, seed)
+    trainer._set_random(seed)
+    trainer._set_device(targs)
+    dm = DataManager(targs["dataset"], targs["shuffle"], targs["seed"], targs["init_cls"], targs["increment"], targs)
+    model = factory.get_model_capturing(targs["model_name"], targs)
+    theirs: list[dict] = []
+    their_adapters: list[list[int]] = []
+    for t in range(dm.nb_tasks):  # what trainer._train does per task (see main)
+        task["t"] = captured["task"]["t"] = t
+        captured["task"]["batch"] = 0
+        model.incremental_train(dm)
+        model.eval_task()
+        model.after_task()
+        theirs.append(their_state(model))
+        their_adapters.append([m.num_adapters for m in model._network.backbone.modules()
+                               if isinstance(m, sema_block.SEMAModules)])
+    their_cpu = time.process_time() - start
+    tsampler.BatchSampler.__iter__ = batch_iter
+    their_acc, their_matrix = counts_from_predictions(captured["evals"], n_tasks, cpt)
+    their_z = {(d["task"], d["batch"], d["block"]): d["z"] for d in captured["detect"] if "z" in d}
+    their_adds = [d for d in captured["detect"] if d.get("event") == "add"]
+
+    # ---- 2. ours, replaying THEIR draws
+    import strategies.sema as ours_mod
+    from cl.config import build_config
+    from cl.data import loaders
+    from cl.runner import Runner
+
+    state: dict[str, Any] = {"exp": 0, "batch": 0, "model": None, "pos_of": None}
+    train_y = np.asarray(setup["train_y"])
+    their_pos = {t: np.concatenate([np.flatnonzero(train_y == c) for c in range(t * cpt, (t + 1) * cpt)])
+                 for t in range(n_tasks)}  # THEIR dataset position -> setup index (DataManager._select, per class)
+    misses: list[str] = []
+    report_exps: list[dict[str, Any]] = []
+    our_z: dict[tuple[int, int, int], list[float]] = {}
+    our_adds: list[dict] = []
+    sampler_iter = loaders.RankBatchSampler.__iter__
+
+    def sampler_replay(self):
+        queue = perms.get((state["exp"], self.batch), [])
+        if not queue or len(queue[0]) != self.n:
+            misses.append(f"exp {state['exp']}: a shuffle of batch {self.batch} their run never drew (own order)")
+            yield from sampler_iter(self)
+            return
+        order = state["pos_of"][their_pos[state["exp"]][queue.pop(0)]]
+        for b in range(len(self)):
+            yield order[b * self.batch:(b + 1) * self.batch].tolist()
+
+    start_fn, end_fn = ours_mod.SEMA.on_experience_start, ours_mod.SEMA.on_experience_end
+    add_fn, z_fn = ours_mod.AdapterMixture.add, ours_mod.SEMA._batch_z_sums
+
+    def start_replay(self, exp, ctx):
+        pos_of = np.full(len(train_y), -1)
+        pos_of[np.asarray(exp.train.indices)] = np.arange(len(exp.train.indices))
+        state.update(exp=exp.index, batch=0, model=self, pos_of=pos_of)
+        start_fn(self, exp, ctx)
+        if exp.index == 0:
+            with torch.no_grad():
+                for k, v in inits["classifier"].items():
+                    getattr(self.classifier, k).copy_(v)
+
+    def add_replay(self, device=None):
+        add_fn(self, device)
+        b, k = state["model"].mixtures.index(self), len(self) - 1
+        if state["exp"] > 0:
+            our_adds.append({"task": state["exp"], "block": b, "batch": state["batch"] - 1})
+        init = inits.get((b, k))
+        if init is None:
+            misses.append(f"exp {state['exp']}: block {b} adapter {k} that their run never created (own init)")
+            return
+        mods = {"adapters": self.adapters[k], "descriptors": self.descriptors[k] if self.expandable else None,
+                "router": self.router[k] if self.expandable else None}
+        with torch.no_grad():
+            for name, v in init.items():
+                head, rest = name.split(".", 1)
+                if mods[head] is not None:
+                    mods[head].get_parameter(rest).copy_(v)
+
+    def z_replay(self, ctx, x, candidates):
+        out = z_fn(self, ctx, x, candidates)
+        for b, t in out.items():
+            our_z[(state["exp"], state["batch"], b)] = (t[:-1] / t[-1]).tolist()
+        state["batch"] += 1
+        return out
+
+    def end_replay(self, exp, ctx):
+        end_fn(self, exp, ctx)
+        t = exp.index
+        ref = theirs[t] if t < len(theirs) else {"params": {}, "windows": {}}
+        ours_params: dict[str, torch.Tensor] = {}
+        for b, m in enumerate(self.mixtures):
+            for name, p in m.named_parameters():  # adapters.K.down.weight, descriptors.K.enc.bias, router.K.weight
+                ours_params[f"{b}.{name}"] = p.detach()
+        ours_params["classifier.weight"] = self.classifier.weight.detach()
+        ours_params["classifier.bias"] = self.classifier.bias.detach()
+        diff: dict[str, float] = {}
+        for name, p in ours_params.items():
+            g = "classifier" if name.startswith("classifier") else _group(name.split(".", 1)[1])
+            q = ref["params"].get(name)
+            if q is None or q.shape != p.shape:
+                diff[g] = float("inf")
+                misses.append(f"exp {t}: our {name} has no counterpart in their model")
+                continue
+            diff[g] = max(diff.get(g, 0.0), float((p.cpu() - q).abs().max()))
+        missing = sorted(set(ref["params"]) - set(ours_params))
+        if missing:
+            misses.append(f"exp {t}: their {', '.join(missing[:4])}... have no counterpart in ours")
+        wdiff = 0.0
+        for key, rec in ref["windows"].items():
+            b, k = map(int, key.split("."))
+            rd = self.mixtures[b].descriptors[k] if k < len(self.mixtures[b].descriptors) else None
+            ours_rec = None if rd is None else rd.record[: int(rd.count)].cpu()
+            if ours_rec is None or ours_rec.shape != rec.shape:
+                wdiff = float("inf")
+                continue
+            wdiff = max(wdiff, float((ours_rec - rec).abs().max()))
+        report_exps.append({"experience": t, "param_max_abs_diff": {k: diff[k] for k in sorted(diff)},
+                            "window_max_abs_diff": wdiff,
+                            "adapters_ours": [len(m) for m in self.mixtures]})
+
+    loaders.RankBatchSampler.__iter__ = sampler_replay
+    ours_mod.SEMA.on_experience_start, ours_mod.SEMA.on_experience_end = start_replay, end_replay
+    ours_mod.AdapterMixture.add, ours_mod.SEMA._batch_z_sums = add_replay, z_replay
+    work_dir = Path(work).resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
+                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
+                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
+                              "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
+                                for o in ROWS["sema"]["ours"]]])
+    start = time.process_time()
+    try:
+        metrics = Runner(cfg).run()
+    finally:
+        loaders.RankBatchSampler.__iter__ = sampler_iter
+        ours_mod.SEMA.on_experience_start, ours_mod.SEMA.on_experience_end = start_fn, end_fn
+        ours_mod.AdapterMixture.add, ours_mod.SEMA._batch_z_sums = add_fn, z_fn
+    our_cpu = time.process_time() - start
+    our_acc = seen_accuracy(metrics["correct"], metrics["total"])
+    keys = sorted(set(their_z) & set(our_z))
+    for e in report_exps:
+        t = e["experience"]
+        e["acc_official"], e["acc_ours"] = round(their_acc[t], 3), round(our_acc[t], 3)
+        e["adapters_official"] = [int(n) for n in their_adapters[t]]
+        e["expansions_official"] = [{"block": d["block"], "batch": d["batch"],
+                                     "z": their_z.get((t, d["batch"], d["block"]))} for d in their_adds
+                                    if d["task"] == t]
+        e["expansions_ours"] = [{"block": d["block"], "batch": d["batch"],
+                                 "z": [round(v, 4) for v in our_z.get((t, d["batch"], d["block"]), [])]}
+                                for d in our_adds if d["task"] == t]
+        zs = [max(abs(a - b) for a, b in zip(their_z[k], our_z[k])) for k in keys if k[0] == t
+              and len(their_z[k]) == len(our_z[k])]
+        e["detect_batches_compared"] = len(zs)
+        e["z_max_abs_diff"] = max(zs) if zs else None
+    same = not misses and all([(d["block"], d["batch"]) for d in e["expansions_official"]]
+                              == [(d["block"], d["batch"]) for d in e["expansions_ours"]] for e in report_exps)
+    return {"seed": seed, "setup_class_order": [int(c) for c in setup.get("class_order", [])],
+            "identical_decisions": bool(same), "replay_misses": misses,
+            "acc_official": [round(a, 3) for a in their_acc], "acc_ours": [round(a, 3) for a in our_acc],
+            "matrix_official": their_matrix, "matrix_ours": [[None if v is None else 100.0 * v for v in r]
+                                                             for r in metrics["accuracy_matrix"]],
+            "cpu_s": {"official": round(their_cpu, 1), "ours": round(our_cpu, 1)}, "experiences": report_exps}
+
+def _official_args(spec: dict, seed: int) -> dict[str, Any]:
+    """THEIR ``args`` dict (what ``main.py`` loads from ``exps/sema_*.json``) for the row's values and ``seed``."""
+    return {"prefix": "parity", "dataset": "parity_setup", "memory_size": 0, "memory_per_class": 0,
+            "fixed_memory": False, "shuffle": False, "model_name": "sema",
+            "backbone_type": "pretrained_vit_b16_224_adapter", "device": [-1], "seed": seed,
+            "optimizer": "sgd", "min_lr": 0, "ffn_adapter_type": "adaptmlp", "vpt_type": "shallow",
+            "prompt_token_num": 5, **spec}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="official SEMA on the parity setup")
     ap.add_argument("--row", default="sema", choices=list(ROWS))
@@ -253,7 +551,18 @@ def main() -> None:
     ap.add_argument("--hp", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override hyperparameters of the row (experiments only; JSON values)")
     ap.add_argument("--tasks", type=int, default=0, help="stop after this many tasks (diagnostics only)")
+    ap.add_argument("--check-run", action="store_true",
+                    help="replay: THEIR run, then ours with their initial weights and batch order (check_run)")
     args = ap.parse_args()
+    if args.check_run:
+        report = check_run(args.setup, args.seed)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        for e in report["experiences"]:
+            print(f"exp {e['experience']}: acc {e['acc_official']:.2f} | {e['acc_ours']:.2f}  adapters "
+                  f"{e['adapters_official']} | {e['adapters_ours']}  z diff {e['z_max_abs_diff']}  params "
+                  f"{e['param_max_abs_diff']}  windows {e['window_max_abs_diff']:.2e}")
+        print("identical decisions:", report["identical_decisions"], "| misses:", report["replay_misses"])
+        return
 
     from benchmarks.parity.common import RunResult, counts_from_predictions, load_npz, official_source
 
@@ -272,11 +581,7 @@ def main() -> None:
     from utils.data_manager import DataManager
 
     Path("logs").mkdir(exist_ok=True)
-    targs = {"prefix": "parity", "dataset": "parity_setup", "memory_size": 0, "memory_per_class": 0,
-             "fixed_memory": False, "shuffle": False, "model_name": "sema",
-             "backbone_type": "pretrained_vit_b16_224_adapter", "device": [-1], "seed": args.seed,
-             "optimizer": "sgd", "min_lr": 0, "ffn_adapter_type": "adaptmlp", "vpt_type": "shallow",
-             "prompt_token_num": 5, **spec}
+    targs = _official_args(spec, args.seed)
     # what trainer._train does, minus its log files: seed, device, data manager, learner, the task loop
     trainer._set_random(args.seed)
     trainer._set_device(targs)
