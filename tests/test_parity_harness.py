@@ -117,3 +117,46 @@ def test_counts_from_predictions_by_hand():
     acc, matrix = counts_from_predictions(evals, n_tasks=2, classes_per_task=2)
     assert acc == pytest.approx([75.0, 50.0])
     assert matrix == [[75.0, None], [50.0, 50.0]]
+
+
+def _override(overrides: list[str], key: str) -> str:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
+    assert len(values) == 1, (key, values)
+    return values[0]
+
+
+@pytest.mark.parametrize("row, pairs", [
+    ("ranpac", {"strategy.epochs": "tuned_epoch", "strategy.lr": "body_lr", "strategy.weight_decay": "weight_decay",
+                "strategy.min_lr": "min_lr", "strategy.adapter_width": "ffn_num", "strategy.projection_dim": "M",
+                "data.batch_size": "batch_size"}),
+    ("aper", {"strategy.epochs": "tuned_epoch", "strategy.lr": "init_lr", "strategy.weight_decay": "weight_decay",
+              "strategy.min_lr": "min_lr", "strategy.adapter_width": "ffn_num", "data.batch_size": "batch_size"}),
+])
+def test_analytic_rows_give_both_sides_the_same_hyperparameters(row, pairs):
+    spec = all_rows()[row][1]
+    for ours_key, their_key in pairs.items():
+        assert float(_override(spec["ours"], ours_key)) == float(spec["official"][their_key]), (row, ours_key)
+    assert spec["official"]["init_cls"] == spec["official"]["increment"] == 2  # 5 tasks of 2, as the setup
+    assert _override(spec["ours"], "strategy.input_convention") == "unit"  # their raw [0, 1] ToTensor inputs
+
+
+def test_ranpac_row_runs_on_our_side(setup, tmp_path):
+    from strategies.ranpac import RIDGE_GRID
+
+    path = write_npz(setup, tmp_path / "s.npz")
+    res = run_ours("ranpac", path, 0, [*all_rows()["ranpac"][1]["ours"], "strategy.epochs=1",
+                                       "scenario.n_experiences=2"], threads=1)
+    assert len(res.acc) == 2 and res.acc[0] > 60.0  # above chance (50) with 16 fit images per class
+    recs = [res.extra["records"][k] for k in sorted(res.extra["records"], key=int)]
+    for rec in recs:  # lambda chosen per experience (as their replace_fc): the grid value of the best score
+        scores = rec["ranpac/ridge_scores"]
+        assert len(scores) == len(RIDGE_GRID)
+        assert rec["ranpac/ridge"] == RIDGE_GRID[int(np.argmax(scores))]
+
+
+def test_aper_row_runs_on_our_side(setup, tmp_path):
+    path = write_npz(setup, tmp_path / "s.npz")
+    res = run_ours("aper", path, 0, [*all_rows()["aper"][1]["ours"], "strategy.epochs=1",
+                                     "scenario.n_experiences=2"], threads=1)
+    assert len(res.acc) == 2 and res.acc[0] > 60.0  # above chance (50) with 20 prototype images per class
+    assert res.acc[1] == pytest.approx((res.matrix[1][0] + res.matrix[1][1]) / 2)  # 10 test images per class
