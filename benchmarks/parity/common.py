@@ -46,6 +46,7 @@ OFFICIAL: dict[str, tuple[str, str]] = {
     "prd": ("naderAsadi/Probing-Continual-Learning", "8b82d53b142ae8a13cd342a8a3da6b0ca2b4d28c"),
     "ranpac": ("RanPAC/RanPAC", "012927f86e8d95dc9e7c6015a5e1048e6604c8b6"),
     "aper": ("zhoudw-zdw/RevisitingCIL", "a2e6b71f6a2fed4421609a0917eea861fa387c76"),
+    "coda_prompt": ("GT-RIPL/CODA-Prompt", "6417d4f68754be68b697c7ca2323ee61e791e1a3"),
 }
 SEEDS = (0, 1, 2)
 
@@ -144,11 +145,28 @@ def official_source(name: str) -> Path:
             subprocess.run(["git", "clone", "--bare", "-q", f"https://github.com/{repo}.git", str(git_dir)],
                            check=True)
         archive = Path(tmp) / "src.tar"
-        subprocess.run(["git", f"--git-dir={git_dir}", "archive", "-o", str(archive), commit], check=True)
+        cmd = ["git", f"--git-dir={git_dir}", "archive", "-o", str(archive), commit]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            # a partial mirror (large data files left out, e.g. CODA-Prompt's DomainNet split lists): archive the
+            # regular files whose blobs it has
+            cmd += ["--", *_present_paths(git_dir, commit)]
+            subprocess.run(cmd, check=True)
         with tarfile.open(archive) as tar:
             tar.extractall(dest, filter="data")
     (dest / ".complete").write_text(commit + "\n")
     return dest
+
+
+def _present_paths(git_dir: Path, commit: str) -> list[str]:
+    """Paths of ``commit``'s regular files whose blobs exist in ``git_dir`` (symbolic links left out: the safe
+    extraction filter refuses absolute ones, such as CODA-Prompt's ``data`` link)."""
+    tree = subprocess.run(["git", f"--git-dir={git_dir}", "ls-tree", "-r", "-z", commit], check=True,
+                          capture_output=True).stdout.decode().split("\0")
+    entries = [e.split("\t", 1) for e in tree if e and not e.startswith("120000 ")]
+    shas = "\n".join(meta.split()[2] for meta, _ in entries) + "\n"
+    check = subprocess.run(["git", f"--git-dir={git_dir}", "cat-file", "--batch-check"], input=shas.encode(),
+                           check=True, capture_output=True).stdout.decode().splitlines()
+    return [path for (_, path), line in zip(entries, check) if not line.endswith(" missing")]
 
 
 # ------------------------------------------------------------------------------------------------ results
