@@ -46,6 +46,8 @@ OFFICIAL: dict[str, tuple[str, str]] = {
     "prd": ("naderAsadi/Probing-Continual-Learning", "8b82d53b142ae8a13cd342a8a3da6b0ca2b4d28c"),
     "ranpac": ("RanPAC/RanPAC", "012927f86e8d95dc9e7c6015a5e1048e6604c8b6"),
     "aper": ("zhoudw-zdw/RevisitingCIL", "a2e6b71f6a2fed4421609a0917eea861fa387c76"),
+    "l2p": ("JH-LEE-KR/l2p-pytorch", "f7bc994365f51221e059b7be18c9b08c369444e6"),
+    "dualprompt": ("JH-LEE-KR/dualprompt-pytorch", "7eb457d988409a6abf97af2b121ffa62dd4b498a"),
     "coda_prompt": ("GT-RIPL/CODA-Prompt", "6417d4f68754be68b697c7ca2323ee61e791e1a3"),
 }
 SEEDS = (0, 1, 2)
