@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cl.errors import UserError
+from cl.errors import Preempted, UserError
 
 USAGE = """usage: cl [-v] <command> [config=PATH] [key=value ...]     (-v: also show library warnings)
 
@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"cl {name}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cl {name}: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # what a shell reports for that signal; schedulers requeue or resume on it
     except KeyboardInterrupt:
         print(f"cl {name}: interrupted; `cl resume RUN_DIR` continues from the last checkpoint", file=sys.stderr)
         return 130

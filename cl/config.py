@@ -168,6 +168,9 @@ class RunConfig:
     name: str | None = opt(None, "extra name component: <root>/<scenario>/<strategy>/<name>/seed<N>")
     overwrite: bool = opt(False, "allow replacing a finished run in the same directory")
     checkpoint: bool = opt(True, "write a checkpoint at every experience boundary")
+    checkpoint_every_n_steps: int | None = opt(
+        None, "also write checkpoints/step.ckpt every N optimizer steps (newest only), so resume=auto continues "
+        "inside an experience; null = only on SIGUSR1/SIGTERM", ge=1)
     eval_unseen: bool = opt(False, "also evaluate unseen experiences (needed for forward transfer, fwt)")
 
 

@@ -18,6 +18,18 @@ class DataError(UserError):
     """A data set that is missing, incomplete or different from what the scenario expects."""
 
 
+class Preempted(Exception):
+    """A run stopped on SIGUSR1/SIGTERM after writing its step checkpoint (:mod:`cl.checkpointing`); raised on every
+    rank, and the CLI exits with ``128 + signum``."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; `resume=auto` (or `cl resume RUN_DIR`) "
+                         "continues from there")
+        self.signum = signum
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean: a, b?)"`` for the closest candidates, or an empty string."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks.progress import ProgressBar
 from torch import nn
 
-from cl import distributed, provenance
+from cl import checkpointing, distributed, provenance
 from cl.callbacks import CALLBACKS, CLCallback, MetricsCallback
 from cl.config import section
 from cl.data.loaders import ExperienceDataModule, make_loader
@@ -211,15 +211,20 @@ class Runner:
     def run(self) -> Results:
         quiet_lightning()
         dist = distributed.setup(self.cfg.trainer, self.argv)
-        ok = False
+        ok = stopped = False
+        handlers = checkpointing.install_signal_handlers() if self.cfg.run.checkpoint else {}
         try:
             results = self._run(dist)
             ok = True
             return results
+        except checkpointing.Preempted:
+            stopped = True  # every rank stops at the same step: wait for the spawned ranks, do not kill them
+            raise
         finally:
+            checkpointing.restore_signal_handlers(handlers)
             for lg in self._run_loggers:  # once per run, not at the end of every phase's Trainer
                 lg.finish("success" if ok else "failed")
-            code = distributed.finish(dist, ok)
+            code = distributed.finish(dist, ok or stopped)
             if ok and code:
                 raise UserError(f"a DDP rank exited with code {code}; see its output above")
 
@@ -235,8 +240,15 @@ class Runner:
         callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, CLCallback)]
         self._run_loggers = self._loggers(run_dir, dist)
         ctx = RunContext(cfg, scenario, dist, dist.device, run_dir, model, loggers=self._run_loggers)
+        step_state: checkpointing.StepState | None = None
+        if dist.active and cfg.run.checkpoint:
+            checkpointing._StopVote.setup()  # collective: every rank, once, before the first fit
         if start is not None:
-            start = self._restore(start, model, callbacks, ctx)
+            folder = start
+            start = self._restore(folder, model, callbacks, ctx)
+            step_state = checkpointing.find_step_checkpoint(folder, start, scenario.fingerprint())
+            if step_state is not None and dist.is_main:
+                print(f"cl: continuing inside {step_state.where()} (step checkpoint)", file=sys.stderr)
         else:
             start = 0
             if dist.is_main:
@@ -260,14 +272,34 @@ class Runner:
             for cb in callbacks:
                 cb.on_experience_start(exp, ctx)
             model.on_experience_start(exp, ctx)
+            resume = step_state if step_state is not None and step_state.exp_index == exp.index else None
+            step_state = None
             for k, phase in enumerate(model.phases(exp, ctx)):
+                if resume is not None and k < resume.phase:
+                    # phases before the interrupted one: skipped when the code between phases() yields does not
+                    # read what they trained, else re-run (deterministically, without writing step checkpoints)
+                    if not type(model).phases_replayable:
+                        self._fit(model, exp, phase, k, callbacks, ctx, write_steps=False)
+                    continue
+                if resume is not None and k == resume.phase:
+                    self._fit(model, exp, phase, k, callbacks, ctx, resume=resume)
+                    resume = None
+                    continue
                 self._fit(model, exp, phase, k, callbacks, ctx)
+            if resume is not None:
+                raise UserError(f"step checkpoint '{resume.path}' is inside phase {resume.phase} "
+                                f"({resume.data['phase_name']}), but experience {exp.index} has fewer phases now")
             model.on_experience_end(exp, ctx)
             for cb in callbacks:
                 cb.on_experience_end(exp, ctx)
             seen = scenario.experiences if cfg.run.eval_unseen else scenario.experiences[: exp.index + 1]
             self._evaluate(model, seen, exp, callbacks, ctx)
             self._checkpoint(model, callbacks, ctx, exp.index)
+            if cfg.run.checkpoint and exp.index + 1 < len(scenario):
+                # a signal that came outside training (evaluation, post-hoc steps) stops here, on every rank
+                signum = next((s for s in dist.all_gather_object(checkpointing.stop_requested()) if s), None)
+                if signum:
+                    raise checkpointing.Preempted(signum, f"after experience {exp.index} (experience checkpoint)")
 
         for cb in callbacks:
             cb.on_run_end(ctx)
@@ -280,14 +312,22 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _fit(self, model: CLStrategy, exp: Experience, phase: Phase, k: int, callbacks: list[CLCallback],
-             ctx: RunContext) -> None:
+             ctx: RunContext, resume: checkpointing.StepState | None = None, write_steps: bool = True) -> None:
         cfg = self.cfg
         model.phase = phase
         epochs = phase.epochs or model.cfg.epochs or cfg.trainer.max_epochs
         data = phase.data if phase.data is not None else exp.train
+        # the shuffle seed depends on (run seed, experience, phase) only and the sampler's permutation on it and the
+        # epoch, so a step checkpoint's position (epoch, batch) names the same batches in a resumed run
         dm = ExperienceDataModule(data, phase.batch_size or cfg.data.batch_size, ctx.dist.rank, ctx.dist.world_size,
                                   seed=ctx.seed_for(f"fit{k}/{phase.name}"), num_workers=cfg.data.num_workers,
                                   drop_last=drop_last(cfg, type(model)))
+        if resume is not None:
+            self._restore_step(resume, model, phase, callbacks, ctx)
+        step_cb = None
+        if cfg.run.checkpoint:
+            step_cb = checkpointing.StepCheckpoint(ctx, k, phase.name, cfg.run.checkpoint_every_n_steps,
+                                                   ctx.global_step, callbacks, resume=resume, write=write_steps)
         pl_callbacks = [c for cb in callbacks for c in cb.trainer_callbacks(ctx)]
         pl_callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, pl.Callback)]
         if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in pl_callbacks):
@@ -295,8 +335,18 @@ class Runner:
             pl_callbacks.append(progress_bar(lambda: f"experience {exp.index + 1}/{n} · phase {name}"))
         for lg in ctx.loggers:
             lg.offset, lg.experience = ctx.global_step, exp.index
+        if step_cb is not None:
+            # attached now when it has per-step work (periodic checkpoints, the DDP stop vote, a resume); else the
+            # signal handler attaches it, and an uninterrupted single-process run pays nothing per step
+            needed = (cfg.run.checkpoint_every_n_steps is not None and write_steps) or ctx.dist.world_size > 1 \
+                or resume is not None
+            checkpointing.attach(pl_callbacks, step_cb, needed)
         trainer = make_trainer(cfg, epochs, pl_callbacks, ctx.loggers, ctx.run_dir)
-        trainer.fit(model, datamodule=dm)
+        checkpointing.activate(trainer, step_cb)
+        try:
+            trainer.fit(model, datamodule=dm)
+        finally:
+            checkpointing.activate(None, None)
         # the next phase's rows continue after this one's (and after anything logged at a later step)
         ctx.global_step = max([ctx.global_step + trainer.global_step] + [lg.last_step + 1 for lg in ctx.loggers])
 
@@ -371,7 +421,8 @@ class Runner:
                 return ("done", "")
             return ("error", f"run directory '{run_dir}' holds a finished run; use another seed or run.name, "
                              "or run.overwrite=true to replace it")
-        has_ckpt = last.is_file() or any(last.parent.glob("exp*.ckpt"))
+        has_ckpt = (last.is_file() or any(last.parent.glob("exp*.ckpt"))
+                    or (last.parent / checkpointing.STEP_FILE).is_file())
         if cfg.resume == "auto" and has_ckpt:
             return ("resume", str(last.parent))
         if has_ckpt or metrics.is_file():
@@ -406,6 +457,25 @@ class Runner:
         folder = ctx.run_dir / "checkpoints"
         atomic_torch_save(state, folder / f"exp{exp_index}.ckpt")
         atomic_torch_save(state, folder / "last.ckpt")
+        (folder / checkpointing.STEP_FILE).unlink(missing_ok=True)  # inside a finished experience: stale now
+
+    def _restore_step(self, step: checkpointing.StepState, model: CLStrategy, phase: Phase,
+                      callbacks: list[CLCallback], ctx: RunContext) -> None:
+        """Put the model, callbacks, records and run step back as they were at the step checkpoint (the optimizer,
+        schedulers, loop position and RNG states follow inside the fit, :class:`cl.checkpointing.StepCheckpoint`)."""
+        d = step.data
+        if d["phase_name"] != phase.name or model.cl_structure() != d["structure"]:
+            raise UserError(f"step checkpoint '{step.path}' ({step.where()}) does not match the resumed run: phase "
+                            f"'{phase.name}', structure {model.cl_structure()} vs {d['structure']}; was the config "
+                            "changed? Delete the file to resume from the experience boundary")
+        # no regrow: replaying on_experience_start and phases() rebuilt the same structure, with its requires_grad
+        model.load_state_dict(d["state_dict"], strict=True)
+        model.load_extra_state(d["extra"])
+        for cb in callbacks:
+            if type(cb).__name__ in d["callbacks"]:
+                cb.load_state_dict(d["callbacks"][type(cb).__name__])
+        ctx.records.update({int(k): v for k, v in d["records"].items()})
+        ctx.global_step = int(d["phase_start_step"])
 
     def _restore(self, folder: Path, model: CLStrategy, callbacks: list[CLCallback], ctx: RunContext) -> int:
         """Restore the newest readable checkpoint: ``last.ckpt``, else ``exp<k>.ckpt`` from the highest k down.
@@ -415,6 +485,8 @@ class Runner:
         """
         candidates = [folder / "last.ckpt"] + sorted(folder.glob("exp*.ckpt"), reverse=True,
                                                      key=lambda p: int(p.stem[3:]) if p.stem[3:].isdigit() else -1)
+        if not any(p.is_file() for p in candidates) and (folder / checkpointing.STEP_FILE).is_file():
+            return 0  # stopped inside the first experience: only the step checkpoint exists
         errors = []
         for path in candidates:
             if not path.is_file():

@@ -87,6 +87,10 @@ class CLStrategy(pl.LightningModule):
     #: False for strategies that legitimately train no parameter (``ncm``); the contract test then skips its
     #: "some trainable parameter changes" assertion
     trains_parameters: ClassVar[bool] = True
+    #: whether the code between ``phases()`` yields reads only the config, the experience and what earlier code set
+    #: (requires_grad, phase data), not what the earlier phases' fits trained. A resume inside phase k then skips
+    #: the fits of phases 0..k-1; False (SEMA's expansion test reads the trained model) re-runs them instead.
+    phases_replayable: ClassVar[bool] = True
 
     def __init__(self, cfg: StrategyConfig, backbone: nn.Module, n_classes: int) -> None:
         super().__init__()

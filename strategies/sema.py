@@ -204,6 +204,7 @@ class SEMA(CLStrategy):
     description = "self-expanding mixture of adapters with representation descriptors (frozen ViT)"
     input_convention = "unit"  # the official code feeds ToTensor() images, no normalisation
     drop_last = False  # the official (PILOT) loader keeps the last partial batch
+    phases_replayable = False  # the expansion test between phases reads the trained adapters (resume re-runs them)
     fpf_refusal = "SEMA trains no backbone layers; FPF has nothing to fine-tune"
     contract_overrides = [
         "backbone=vit", "backbone.width=32", "backbone.depth=2", "backbone.heads=2", "backbone.patch=4",

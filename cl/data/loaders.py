@@ -31,6 +31,7 @@ class RankBatchSampler:
             raise ValueError(f"batch size {global_batch} is not divisible by the {world} ranks")
         self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
         self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+        self.start = 0  # batches of the next epoch to skip (a resume inside an epoch); used once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,9 +53,31 @@ class RankBatchSampler:
         else:
             order = torch.arange(self.n)
         full = self.n // self.batch
-        for b in range(len(self)):
+        start, self.start = self.start, 0
+        for b in range(start, len(self)):  # the permutation depends on (seed, epoch) only: skipping is exact
             chunk = order[b * self.batch:(b + 1) * self.batch] if b < full else order[b * self.batch:][:self._tail()]
             yield chunk[self.rank::self.world].tolist()
+
+
+class TrainLoader(DataLoader):
+    """A training ``DataLoader`` that Lightning treats as resumable (its ``_Stateful`` protocol).
+
+    The state is where the next epoch starts: ``{"epoch": e, "start": b}``. Lightning loads it before the loader's
+    first ``iter()`` of a restarted fit (:mod:`cl.checkpointing`); the first ``b`` batches of epoch ``e``'s
+    permutation are then skipped without being loaded. ``state_dict`` cannot know how far training got (Lightning
+    prefetches batches ahead of the step), so the step checkpoint writes the position itself.
+    """
+
+    def __init__(self, *args: Any, rank_sampler: RankBatchSampler, **kwargs: Any) -> None:
+        self.rank_sampler = rank_sampler
+        super().__init__(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.rank_sampler.epoch, "start": self.rank_sampler.start}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.rank_sampler.set_epoch(int(state["epoch"]))
+        self.rank_sampler.start = int(state["start"])
 
 
 class _BatchView(Dataset):
@@ -130,11 +153,15 @@ def make_loader(data: ExperienceData, batch_size: int, *, train: bool, rank: int
                                         seed=seed, drop_last=drop)
     else:
         sampler = _EvalSampler(n, batch_size, rank, world)
+    cls: Any = DataLoader
+    extra: dict[str, Any] = {}
+    if train:
+        cls, extra = TrainLoader, {"rank_sampler": sampler}
     if hasattr(data.source, "batch"):
-        return DataLoader(_BatchView(data), sampler=sampler, batch_size=None, num_workers=0)
+        return cls(_BatchView(data), sampler=sampler, batch_size=None, num_workers=0, **extra)
     workers = default_workers() if num_workers is None else int(num_workers)
-    return DataLoader(_ItemView(data), batch_sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    return cls(_ItemView(data), batch_sampler=sampler, num_workers=workers,
+               persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **extra)
 
 
 class ExperienceDataModule(pl.LightningDataModule):
