@@ -152,6 +152,22 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
             lines.append(line)
         else:
             lines.append(f"* {label} vs `ncm`: not run.")
+    # L2P and DualPrompt: rehearsal-free prompting above fine-tuning; DualPrompt above L2P (both papers' tables)
+    ftl = last(("vit", "finetune"))
+    for name, label in (("l2p", "L2P"), ("dualprompt", "DualPrompt")):
+        mine = last(("vit", name))
+        if mine and ftl:
+            a, b = statistics.mean(mine), statistics.mean(ftl)
+            lines.append(f"* **{label} above sequential fine-tuning: {'held' if a > b else 'did not hold'}.** Last "
+                         f"accuracy {ms(mine)} % vs {ms(ftl)} % for `finetune` on the same pre-trained ViT "
+                         f"({n_seeds(get(('vit', name), []))}).")
+        else:
+            lines.append(f"* {label} vs `finetune`: not run.")
+    l2p, dp = last(("vit", "l2p")), last(("vit", "dualprompt"))
+    if l2p and dp:
+        gap = 100 * (statistics.mean(dp) - statistics.mean(l2p))
+        lines.append(f"* **DualPrompt above L2P: {'held' if gap > 0 else 'did not hold'}.** Last accuracy {ms(dp)} % "
+                     f"vs {ms(l2p)} % ({gap:+.1f} points).")
     # k-FPF vs ER
     kf, er = get(("scratch", "kfpf"), []), get(("scratch", "er"), [])
     if kf and er:
