@@ -9,6 +9,7 @@ convention, no augmentation), so accuracies are comparable with a ``cl`` run tha
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cl  # noqa: F401  (import cl before scenarios: scenarios.base imports cl.config)
-from scenarios.base import ExperienceData, Scenario
+from scenarios.base import Experience, ExperienceData, Scenario
 
 
 def build_model(backbone_cfg: Any, scenario: Scenario, head_classes: int | None = None) -> nn.Module:
@@ -47,15 +48,19 @@ def transformed_tensors(data: ExperienceData, transform: nn.Module, chunk: int =
 
 # ------------------------------------------------------------------------------------------------ plain PyTorch
 def plain_loop(model: nn.Module, scenario: Scenario, *, epochs: int, batch_size: int, lr: float,
-               momentum: float = 0.9, eval_batch_size: int = 256, seed: int = 0) -> dict[str, Any]:
+               momentum: float = 0.9, eval_batch_size: int = 256, seed: int = 0,
+               on_experience: Callable[[Experience], None] | None = None) -> dict[str, Any]:
     """Sequential fine-tuning the way one writes it by hand: per experience a fresh SGD, ``epochs`` passes over
     shuffled full batches (the last incomplete batch dropped, as ``cl`` does), then accuracy on every seen test
     experience. Batches are gathered from the source tensor and transformed exactly as ``cl`` does.
+    ``on_experience(exp)`` runs before each experience's optimizer is made (grow a head there).
     """
     train_tf, _ = scenario.transforms("normalized")
     g = torch.Generator().manual_seed(seed)
     matrix: list[list[float]] = []
     for exp in scenario.experiences:
+        if on_experience is not None:
+            on_experience(exp)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         targets = torch.as_tensor(np.asarray(exp.train.targets), dtype=torch.long)
         n = len(exp.train)

@@ -1,11 +1,13 @@
 """Engine overhead: ``cl`` (the Runner, one Lightning Trainer per phase) vs a plain PyTorch loop vs Avalanche.
 
 Same stream (split Fashion-MNIST, 5 experiences of 2 classes, natural class order, no augmentation), same model
-(``cl``'s backbone + linear head), same epochs, batch size, optimizer (SGD, lr 0.01, momentum 0.9); each engine
-trains every experience and then evaluates on every seen test experience. Two models: a small CNN
-(compute-bound) and a tiny MLP (overhead-bound). Each timed run is a fresh subprocess (imports excluded from the
-time, data loading included), engines interleaved in rotating order so that load from other processes spreads
-over all of them. Prints a table of median wall times and ratios to the plain loop, and JSON with every run.
+(``cl``'s backbone + one linear head per experience, as ``strategy=finetune`` grows it; ``--plain-heads single``
+gives the plain loop one 10-way head instead, and Avalanche always has that), same epochs, batch size, optimizer
+(SGD, lr 0.01, momentum 0.9); each engine trains every experience and then evaluates on every seen test
+experience. Two models: a small CNN (compute-bound) and a tiny MLP (overhead-bound). Each timed run is a fresh
+subprocess (imports excluded from the time, data loading included), engines interleaved in rotating order so that
+load from other processes spreads over all of them. Prints a table of median wall and CPU times and ratios to
+the plain loop, and JSON with every run.
 
     python benchmarks/engine_overhead.py --repeats 3
 """
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("plain", "ours", "avalanche")
@@ -36,6 +39,32 @@ def overrides(model: str, args: argparse.Namespace) -> list[str]:
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
         "run.checkpoint=false", "run.overwrite=true", f"seed={args.seed}",
     ]
+
+
+def growing_heads(backbone_cfg: Any, scenario: Any) -> Any:
+    """The network ``strategy=finetune`` trains, for the plain loop: the backbone and one linear head per
+    experience, outputs concatenated (``cl.strategy.IncrementalClassifier``); ``net.grow(exp)`` adds the head."""
+    from torch import Tensor, nn
+
+    from cl.backbones import build_backbone
+    from cl.strategy import IncrementalClassifier
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            size = (scenario.channels, scenario.image_size, scenario.image_size)
+            self.backbone = build_backbone(backbone_cfg, size)
+            self.classifier = IncrementalClassifier(self.backbone.num_features)
+
+        def grow(self, exp: Any) -> None:
+            new = max(exp.classes) + 1 - self.classifier.n_classes
+            if new > 0:
+                self.classifier.grow(new)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.classifier(self.backbone(x))
+
+    return Net()
 
 
 def worker(engine: str, model: str, args: argparse.Namespace) -> dict:
@@ -70,10 +99,14 @@ def worker(engine: str, model: str, args: argparse.Namespace) -> dict:
         else:
             seed_everything(cfg.seed)
             scenario = build_scenario(cfg)
-            net = build_model(section(cfg, "backbone"), scenario)
             kw = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=0.9)
-            out = (plain_loop(net, scenario, seed=args.seed, **kw) if engine == "plain"
-                   else run_avalanche("naive", net, scenario, **kw))
+            if engine == "plain" and args.plain_heads == "grow":
+                net = growing_heads(section(cfg, "backbone"), scenario)
+                out = plain_loop(net, scenario, seed=args.seed, on_experience=net.grow, **kw)
+            else:
+                net = build_model(section(cfg, "backbone"), scenario)
+                out = (plain_loop(net, scenario, seed=args.seed, **kw) if engine == "plain"
+                       else run_avalanche("naive", net, scenario, **kw))
             matrix = out["accuracy_matrix"]
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     last = [v for v in matrix[-1] if v is not None]
@@ -95,6 +128,9 @@ def main() -> None:
     p.add_argument("--train-per-class", type=int, default=0, help="0 = all 6,000 training images per class")
     p.add_argument("--test-per-class", type=int, default=0, help="0 = all 1,000 test images per class")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plain-heads", choices=("grow", "single"), default="grow",
+                   help="plain loop's classifier: 'grow' = one head per experience as strategy=finetune (the same "
+                        "network as ours), 'single' = one 10-way head from the start (fewer, larger kernels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every run here")
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
@@ -105,7 +141,8 @@ def main() -> None:
 
     passthrough = [f"--epochs={args.epochs}", f"--batch-size={args.batch_size}", f"--lr={args.lr}",
                    f"--train-per-class={args.train_per_class}",
-                   f"--test-per-class={args.test_per_class}", f"--threads={args.threads}", f"--seed={args.seed}"]
+                   f"--test-per-class={args.test_per_class}", f"--threads={args.threads}", f"--seed={args.seed}",
+                   f"--plain-heads={args.plain_heads}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     runs: list[dict] = []
     for rep in range(args.repeats):

@@ -103,6 +103,18 @@ class CLStrategy(pl.LightningModule):
         self.train_transform: nn.Module = nn.Identity()
         self.eval_transform: nn.Module = nn.Identity()
 
+    #: attributes Lightning sets around every hook call (twice per call, ~25 times a training step): plain values,
+    #: never modules, parameters or tensors, so ``nn.Module.__setattr__``'s registry checks can be skipped
+    _PLAIN_ATTRS: ClassVar[frozenset[str]] = frozenset({"_current_fx_name"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module.__setattr__ costs ~2.5 us (isinstance checks against Parameter/Module/Tensor); object's ~0.4 us:
+        # ~60 us of a ~1.7 ms MLP step on one CPU core (benchmarks/README.md, "Engine overhead")
+        if name in CLStrategy._PLAIN_ATTRS:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ CL hooks (called by the runner)
     def on_experience_start(self, exp: Experience, ctx: RunContext) -> None:
         """Grow for the new classes. Default: remember the experience and the number of seen classes."""
