@@ -102,6 +102,35 @@ def test_requeue_handler_checkpoints_and_requeues(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_signal_in_mid_experience_then_the_requeued_command_gives_the_same_matrix(tmp_path):
+    """Slurm's pre-emption SIGTERM inside experience 1: a step checkpoint, exit 143; the command the requeue
+    handler re-submits (TrainJob.checkpoint: resume=auto) continues at the next batch, to the same matrix."""
+    args = ["config=configs/quickstart.yaml", "trainer.enable_progress_bar=false", "strategy.epochs=8",
+            "scenario.n_experiences=2", "trainer.logger=none", "seed=2"]
+    ref = cl_cli(["train", *args, f"run.dir={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "preempted"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "cl", "train", *args, f"run.dir={run}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "exp0.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM at experience 1" in err
+    assert (run / "checkpoints" / "step.ckpt").is_file()
+    requeued = TrainJob([*args, f"run.dir={run}"]).checkpoint().function.args
+    assert requeued[-1] == "resume=auto"
+    resumed = cl_cli(["train", *requeued])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "continuing inside experience 1" in resumed.stderr
+    assert read_metrics(run)["correct"] == read_metrics(tmp_path / "ref")["correct"]
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_matrix(tmp_path):
     """SIGKILL at several points (right after a checkpoint lands, and inside the next experience), then resume."""
     args = ["train", "config=configs/quickstart.yaml", "trainer.enable_progress_bar=false", "strategy.epochs=10",

@@ -221,7 +221,7 @@ def test_sigkill_in_the_second_epoch_then_resume_gives_the_same_matrix(tmp_path)
 @pytest.mark.ddp
 def test_ddp_sigterm_to_rank0_stops_every_rank_at_one_step_and_resumes(tmp_path):
     ddp = ["trainer.devices=2", "trainer.strategy=ddp", "scenario.augment=false"]
-    args = [*ARGS[:-1], *ddp]  # signal only: no periodic checkpoints
+    args = [*ARGS[:-1], "strategy.epochs=6", *ddp]  # signal only: no periodic checkpoints
     ref = cl_cli([*args, f"run.dir={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "stopped"
