@@ -4,7 +4,8 @@ The job runs one task per GPU under ``srun``; every task runs the whole experien
 ``SLURM_PROCID``/``SLURM_NTASKS``; Lightning's ``SLURMEnvironment`` takes the same ranks). Slurm sends
 ``USR2`` ``slurm.signal_delay_s`` seconds before the time limit or on preemption; submitit's handler calls
 :meth:`TrainJob.checkpoint` on rank 0, which re-submits the same command with ``resume=auto``, and requeues the
-job. The requeued job restores the newest good checkpoint (at worst the last experience boundary). A sweep
+job. The requeued job restores the newest good checkpoint: the step checkpoint inside the interrupted experience
+when ``run.checkpoint_every_n_steps`` wrote one (:mod:`cl.checkpointing`), else the last experience boundary. A sweep
 (``seed=1,2,3``, ``sweep=FILE``) becomes a Slurm job array, one run directory per task.
 """
 
