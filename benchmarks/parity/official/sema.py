@@ -42,6 +42,12 @@ shim swaps in at run time (``_install_shim``), and why:
 * **Seed**: their ``trainer._set_random(seed)`` (``torch.manual_seed(seed)``; their configs pass 1993, which is also
   their class-order seed) is called with the parity seed 0 / 1 / 2: it draws the adapters', RDs', routers' and
   classifier's init and the loader shuffles; the class order is the setup's. Our side runs with ``seed=<seed>``.
+* **Whole-run replay** (``--check-run``, :func:`check_run`; ``--check-run-reverse``, :func:`check_run_reverse`):
+  one side runs unmodified while wrappers record every loader shuffle and the initial values of every adapter,
+  RD, router column and the classifier when it is created; the other side then runs with those draws loaded
+  (their positions and ours mapped through the setup's indices). Measured on class orders 0 and 1 (their draws)
+  and 0 (our draws): the same expansions at the same detection batches, parameters equal to ~5e-8 after every
+  task, the same accuracy after every experience (``results/sema/replay/``).
 * **Observation only** (no behaviour change): ``SEMAModules.add_adapter`` and ``AdapterModule.forward`` are
   wrapped to log when and where an adapter is added and the batch-mean z-score of every RD during detection
   (``extra['detect']``); the adapters per block after each task go to ``extra['adapters']``; mean logits of each
@@ -528,10 +534,226 @@ def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[
                               == [(d["block"], d["batch"]) for d in e["expansions_ours"]] for e in report_exps)
     return {"seed": seed, "setup_class_order": [int(c) for c in setup.get("class_order", [])],
             "identical_decisions": bool(same), "replay_misses": misses,
+            # their shuffles ours never asked for: only the last detection pass of an experience in which every
+            # expandable block grew (their recursion makes one more pass that can add nothing; ours stops)
+            "unused_shuffles": {f"exp{t}/batch{bs}": len(q) for (t, bs), q in sorted(perms.items()) if q},
             "acc_official": [round(a, 3) for a in their_acc], "acc_ours": [round(a, 3) for a in our_acc],
             "matrix_official": their_matrix, "matrix_ours": [[None if v is None else 100.0 * v for v in r]
                                                              for r in metrics["accuracy_matrix"]],
             "cpu_s": {"official": round(their_cpu, 1), "ours": round(our_cpu, 1)}, "experiences": report_exps}
+
+def check_run_reverse(setup_path: str, seed: int, work: str = "sema_check_run_reverse") -> dict[str, Any]:
+    """The replay the other way round: OUR run (seed ``seed``) first, then THEIR code fed our draws.
+
+    Ours runs unmodified while wrappers record the index order of every training / detection loader iteration
+    (``RankBatchSampler``) and the initial values of every adapter, RD, router column (``AdapterMixture.add``) and
+    of the classifier. THEIR learner then runs the task loop of :func:`main` with their ``BatchSampler`` over a
+    ``RandomSampler`` yielding our order of the same loader (per task and batch size, in order) and every module
+    they create loaded with our initial values (same block, same adapter index). A loader of theirs that ours never
+    drew (their extra last detection pass once every block grew) keeps their own shuffle (``their_own_shuffles``).
+    Answers whether a run of ours that ends low (seed 0: 42.8 %) ends as low in their code from the same draws.
+    """
+    import shutil
+
+    import numpy as np
+    import torch
+    import torch.utils.data.sampler as tsampler
+
+    from benchmarks.parity.common import VIT_CKPT, counts_from_predictions, load_npz, official_source, seen_accuracy
+
+    setup = load_npz(Path(setup_path))
+    n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
+    train_y = np.asarray(setup["train_y"])
+
+    # ---- 1. ours, observed
+    import strategies.sema as ours_mod
+    from cl.config import build_config
+    from cl.data import loaders
+    from cl.runner import Runner
+
+    state: dict[str, Any] = {"exp": 0, "batch": 0, "model": None, "indices": None}
+    perms: dict[tuple[int, int], list[np.ndarray]] = {}
+    inits: dict[Any, dict[str, torch.Tensor]] = {}
+    our_adds: list[dict] = []
+    sampler_iter, start_fn = loaders.RankBatchSampler.__iter__, ours_mod.SEMA.on_experience_start
+    add_fn, z_fn = ours_mod.AdapterMixture.add, ours_mod.SEMA._batch_z_sums
+
+    def sampler_recording(self):
+        batches = list(sampler_iter(self))  # eagerly: the detection scan may stop early
+        perms.setdefault((state["exp"], self.batch), []).append(state["indices"][np.concatenate(batches)])
+        yield from batches
+
+    def start_recording(self, exp, ctx):
+        state.update(exp=exp.index, batch=0, model=self, indices=np.asarray(exp.train.indices))
+        if exp.index == 0:
+            inits["classifier"] = {k: v.detach().clone() for k, v in self.classifier.state_dict().items()}
+        start_fn(self, exp, ctx)
+
+    def add_recording(self, device=None):
+        add_fn(self, device)
+        b, k = state["model"].mixtures.index(self), len(self) - 1
+        if state["exp"] > 0:
+            our_adds.append({"task": state["exp"], "block": b, "batch": state["batch"] - 1})
+        sd = {f"adapters.{k}.{n}": v for n, v in self.adapters[k].state_dict().items()}
+        if self.expandable:
+            sd.update({f"descriptors.{k}.{n}": v for n, v in self.descriptors[k].named_parameters()})
+            sd.update({f"router.{n}": v for n, v in self.router[k].named_parameters()})
+        inits[(b, k)] = {n: v.detach().clone() for n, v in sd.items()}
+
+    def z_counting(self, ctx, x, candidates):
+        out = z_fn(self, ctx, x, candidates)
+        state["batch"] += 1
+        return out
+
+    loaders.RankBatchSampler.__iter__ = sampler_recording
+    ours_mod.SEMA.on_experience_start, ours_mod.AdapterMixture.add = start_recording, add_recording
+    ours_mod.SEMA._batch_z_sums = z_counting
+    work_dir = Path(work).resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
+                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
+                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
+                              "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
+                                for o in ROWS["sema"]["ours"]]])
+    start = time.process_time()
+    try:
+        runner = Runner(cfg)
+        metrics = runner.run()
+    finally:
+        loaders.RankBatchSampler.__iter__ = sampler_iter
+        ours_mod.SEMA.on_experience_start, ours_mod.AdapterMixture.add = start_fn, add_fn
+        ours_mod.SEMA._batch_z_sums = z_fn
+    our_cpu = time.process_time() - start
+    our_acc = seen_accuracy(metrics["correct"], metrics["total"])
+    recs = metrics["records"] if "records" in metrics.metrics else {}
+    our_adapters = [recs[k]["sema/adapters_per_block"] for k in sorted(recs, key=int)] if recs else []
+    our_final = {f"{b}.{n}": p.detach().clone() for b, m in enumerate(runner.model.mixtures)
+                 for n, p in m.named_parameters()}
+    our_final["classifier.weight"] = runner.model.classifier.weight.detach().clone()
+
+    # ---- 2. THEIR code, fed our draws
+    sys.path.insert(0, str(official_source("sema")))
+    spec = dict(ROWS["sema"]["official"])
+    captured: dict = {}
+    _install_shim(setup, spec, captured)
+    import backbone.sema_block as sema_block
+    import models.sema as sema_mod
+
+    task = {"t": 0}
+    own: list[str] = []
+    # their dataset position p of task t is setup index their_pos[t][p] (DataManager._select, class by class)
+    their_of = {}
+    for t in range(n_tasks):
+        pos = np.concatenate([np.flatnonzero(train_y == c) for c in range(t * cpt, (t + 1) * cpt)])
+        inv = np.full(len(train_y), -1)
+        inv[pos] = np.arange(len(pos))
+        their_of[t] = inv
+    batch_iter = tsampler.BatchSampler.__iter__
+
+    def batch_iter_replay(self):
+        queue = perms.get((task["t"], self.batch_size), [])
+        if not isinstance(self.sampler, tsampler.RandomSampler):
+            yield from batch_iter(self)
+            return
+        if not queue or len(queue[0]) != len(self.sampler.data_source):
+            own.append(f"task {task['t']}: their loader of batch {self.batch_size} (own shuffle)")
+            yield from batch_iter(self)
+            return
+        order = their_of[task["t"]][queue.pop(0)].tolist()
+        for i in range(0, len(order), self.batch_size):
+            yield order[i:i + self.batch_size]
+
+    def load(module, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, v in values.items():
+                module.get_parameter(n).copy_(v)
+
+    def to_theirs(b: int, k: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Our initial values of (block b, adapter k) as (AdapterModule state, router column)."""
+        init = inits[(b, k)]
+        names = _official_names(b, k)
+        mod = {names[n].split(f"adapters.{k}.", 1)[1]: v for n, v in init.items() if n in names}
+        col = {n.split(".", 1)[1]: v for n, v in init.items() if n.startswith("router.")}
+        return mod, col
+
+    mod_init, add_adapter = sema_block.SEMAModules.__init__, sema_block.SEMAModules.add_adapter
+
+    def mod_init_loading(self, config, layer_id, writer):
+        mod_init(self, config, layer_id, writer)
+        _, col = to_theirs(layer_id, 0)
+        if col:
+            load(self.router, col)
+
+    def add_adapter_loading(self, initialize=False):
+        add_adapter(self, initialize=initialize)
+        k = len(self.adapters) - 1
+        if (self.layer_id, k) not in inits:
+            own.append(f"task {task['t']}: block {self.layer_id} adapter {k} ours never created (own init)")
+            return
+        mod, col = to_theirs(self.layer_id, k)
+        load(self.adapters[k], mod)
+        if not initialize:
+            load(self.new_router, col)
+
+    train = sema_mod.Learner._train
+
+    def train_loading(self, train_loader, test_loader):
+        if self._cur_task == 0:
+            load(self._network.fc, inits["classifier"])
+        return train(self, train_loader, test_loader)
+
+    tsampler.BatchSampler.__iter__ = batch_iter_replay
+    sema_block.SEMAModules.__init__, sema_block.SEMAModules.add_adapter = mod_init_loading, add_adapter_loading
+    sema_mod.Learner._train = train_loading
+    import trainer
+    import utils.factory as factory
+    from utils.data_manager import DataManager
+
+    start = time.process_time()
+    targs = _official_args(spec, seed)
+    trainer._set_random(seed)
+    trainer._set_device(targs)
+    dm = DataManager(targs["dataset"], targs["shuffle"], targs["seed"], targs["init_cls"], targs["increment"], targs)
+    model = factory.get_model_capturing(targs["model_name"], targs)
+    their_adapters: list[list[int]] = []
+    try:
+        for t in range(dm.nb_tasks):
+            task["t"] = captured["task"]["t"] = t
+            captured["task"]["batch"] = 0
+            model.incremental_train(dm)
+            model.eval_task()
+            model.after_task()
+            their_adapters.append([m.num_adapters for m in model._network.backbone.modules()
+                                   if isinstance(m, sema_block.SEMAModules)])
+    finally:
+        tsampler.BatchSampler.__iter__ = batch_iter
+    their_cpu = time.process_time() - start
+    their_acc, their_matrix = counts_from_predictions(captured["evals"], n_tasks, cpt)
+    their_adds = [{"task": d["task"], "block": d["block"], "batch": d["batch"]} for d in captured["detect"]
+                  if d.get("event") == "add"]
+    sd = model._network.state_dict()
+    diff = 0.0
+    for name, p in our_final.items():
+        b, rest = name.split(".", 1)
+        if rest.startswith("router."):
+            k = int(rest.split(".")[1])
+            q = sd[f"backbone.blocks.{b}.adapter_module.router.{rest.split('.')[2]}"][k:k + 1]
+        elif name.startswith("classifier"):
+            q = sd["fc.weight"]
+        else:
+            k = int(rest.split(".")[1])
+            q = sd[_official_names(int(b), k)[rest]]
+        diff = max(diff, float((p - q).abs().max()))
+    return {"seed": seed, "direction": "ours first, their code fed our draws",
+            "identical_decisions": their_adds == our_adds and their_adapters == our_adapters,
+            "acc_ours": [round(a, 3) for a in our_acc], "acc_official_on_our_draws": [round(a, 3) for a in their_acc],
+            "matrix_ours": [[None if v is None else 100.0 * v for v in r] for r in metrics["accuracy_matrix"]],
+            "matrix_official_on_our_draws": their_matrix,
+            "adapters_ours": our_adapters, "adapters_official": their_adapters,
+            "expansions_ours": our_adds, "expansions_official": their_adds,
+            "final_param_max_abs_diff": diff, "their_own_shuffles": own,
+            "cpu_s": {"ours": round(our_cpu, 1), "official": round(their_cpu, 1)}}
 
 def _official_args(spec: dict, seed: int) -> dict[str, Any]:
     """THEIR ``args`` dict (what ``main.py`` loads from ``exps/sema_*.json``) for the row's values and ``seed``."""
@@ -553,7 +775,14 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=0, help="stop after this many tasks (diagnostics only)")
     ap.add_argument("--check-run", action="store_true",
                     help="replay: THEIR run, then ours with their initial weights and batch order (check_run)")
+    ap.add_argument("--check-run-reverse", action="store_true",
+                    help="replay the other way: ours, then THEIR code with our initial weights and batch order")
     args = ap.parse_args()
+    if args.check_run_reverse:
+        report = check_run_reverse(args.setup, args.seed)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print({k: v for k, v in report.items() if not k.startswith("matrix")})
+        return
     if args.check_run:
         report = check_run(args.setup, args.seed)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
