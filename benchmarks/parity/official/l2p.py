@@ -148,13 +148,110 @@ def install_shims(setup: dict, captured: dict) -> None:
     engine.accuracy = accuracy_recording
 
 
+def _official_args(source: str, spec: dict, setup: dict, seed: int) -> argparse.Namespace:
+    """Their config parser, built as their ``__main__`` block builds it, on :func:`official_argv`."""
+    parser = argparse.ArgumentParser(f"{source} training and evaluation configs")
+    subparser = parser.add_subparsers(dest="subparser_name")
+    config_mod = __import__(f"configs.{spec['config']}", fromlist=["get_args_parser"])
+    config_mod.get_args_parser(subparser.add_parser(spec["config"]))
+    return parser.parse_args(official_argv(spec, setup, seed))
+
+
+def _copy_ours_into_theirs(source: str, ours: Any, theirs: Any) -> None:
+    """Our pool / G-prompt / head values into their modules, in their layouts."""
+    import torch
+
+    with torch.no_grad():
+        theirs.head.load_state_dict(ours.head.state_dict())
+        if source == "l2p":
+            theirs.prompt.prompt.copy_(ours.pool.prompt)
+            theirs.prompt.prompt_key.copy_(ours.pool.key)
+            return
+        h = theirs.blocks[0].attn.num_heads
+        e = ours.pool.prompt  # (pool, layers, 2, L, D) -> (layers, 2, pool, L, heads, hd)
+        theirs.e_prompt.prompt.copy_(e.permute(1, 2, 0, 3, 4).reshape(*e.shape[1:3], e.shape[0], e.shape[3], h, -1))
+        theirs.e_prompt.prompt_key.copy_(ours.pool.key)
+        for i, b in enumerate(ours.g_layers):  # (layers, 2, L, heads, hd)
+            g = ours.backbone.blocks[b].attn.pet_modules["g_prompt"]
+            theirs.g_prompt[i, 0].copy_(g.key.reshape(g.key.shape[0], h, -1))
+            theirs.g_prompt[i, 1].copy_(g.value.reshape(g.value.shape[0], h, -1))
+
+
+def check_forward(source: str, rows: dict, row: str, setup_path: str) -> None:
+    """Our model and theirs with the same values: logits and pull term on test batches, training and test mode.
+
+    Their model is built by THEIR ``main``'s ``create_model`` call sequence (shimmed as in the runs) and ours by
+    ``cl``'s factory with the row's overrides; ours are copied into theirs (:func:`_copy_ours_into_theirs`). The
+    forward passes are the ones their ``engine`` makes: ``original_model(x)['pre_logits']`` as the query, then
+    ``model(x, task_id, cls_features, train)``.
+    """
+    import torch
+
+    from benchmarks.parity.common import REPO, load_npz, official_source
+    from cl.config import build_config
+    from cl.runner import build_scenario, build_strategy
+
+    src = official_source(source)
+    sys.path.insert(0, str(src))
+    setup = load_npz(Path(setup_path))
+    spec = rows[row]["official"]
+    captured: dict = {}
+    install_shims(setup, captured)
+    import main as their_main
+
+    oargs = _official_args(source, spec, setup, 0)
+    built: list = []
+    create_model = their_main.create_model
+
+    def capture_model(name: str, **kwargs: Any) -> Any:  # their two create_model calls, then stop their main
+        built.append(create_model(name, **kwargs))
+        if len(built) == 2:
+            raise StopIteration
+        return built[-1]
+
+    their_main.create_model = capture_model
+    try:
+        their_main.main(oargs)
+    except StopIteration:
+        pass
+    original, theirs = built[0].eval(), built[1]
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={setup_path}", "scenario.n_experiences=5",
+                              "trainer.accelerator=cpu", *[o.replace("assets/", f"{REPO}/assets/")
+                                                           for o in rows[row]["ours"]]])
+    ours = build_strategy(cfg, build_scenario(cfg))
+    _copy_ours_into_theirs(source, ours, theirs)
+    x = torch.stack([torch.from_numpy(setup["test_x"][i]).float().div(255).unsqueeze(0) for i in range(48)])
+    ours.n_seen, ours.exp_index = int(setup["n_tasks"]) * int(setup["classes_per_task"]), 1
+    worst = 0.0
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        with torch.no_grad():
+            q = original(x)["pre_logits"]
+            out = theirs(x, task_id=1, cls_features=q, train=training)
+            mine, pull = ours.prompted(x)
+        d_logits = (mine - out["logits"]).abs().max().item()
+        d_pull = abs(pull.item() - out["reduce_sim"].item())
+        same_idx = torch.equal(ours.last_idx, out["prompt_idx"])
+        print(f"{row} train={training}: max |logits diff| {d_logits:.2e}, |pull diff| {d_pull:.2e}, "
+              f"same prompt ids {same_idx}")
+        worst = max(worst, d_logits, d_pull)
+        assert same_idx
+    assert worst < 1e-4, worst
+
+
 def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=f"official {source} on the parity setup")
     ap.add_argument("--row", required=True, choices=list(rows))
     ap.add_argument("--setup", required=True)
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--check-forward", action="store_true",
+                    help="compare one forward of both models with the same values instead of a run")
     args = ap.parse_args(argv)
+    if args.check_forward:
+        check_forward(source, rows, args.row, args.setup)
+        return
 
     from benchmarks.parity.common import RunResult, counts_from_predictions, load_npz, official_source
 
@@ -168,12 +265,7 @@ def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
     import numpy as np
     from main import main as official_main
 
-    parser = argparse.ArgumentParser(f"{source} training and evaluation configs")  # as their __main__ block
-    subparser = parser.add_subparsers(dest="subparser_name")
-    config_mod = __import__(f"configs.{spec['config']}", fromlist=["get_args_parser"])
-    config_mod.get_args_parser(subparser.add_parser(spec["config"]))
-    oargs = parser.parse_args(official_argv(spec, setup, args.seed))
-    official_main(oargs)
+    official_main(_official_args(source, spec, setup, args.seed))
 
     cpt, n_tasks = int(setup["classes_per_task"]), int(setup["n_tasks"])
     evals = [(np.concatenate(e["pred"]), np.concatenate(e["true"])) for e in captured["evals"]]
