@@ -55,6 +55,13 @@ nothing of their code is copied or edited. What the shim swaps in at run time (`
   data on both sides): per-step losses equal to ~1e-9 through task 0 (lr decay included) and the first steps of
   task 1 (momentum carried over, distillation on), then a chaotic drift as large as the official run's own drift
   under a 1e-9 change of its inputs' rounding.
+* **Shadow check** (``--check-shadow``, :func:`check_shadow`): our WHOLE run (all 5 tasks, float64, our own
+  draws) shadowed step by step by THEIR update rule, with THEIR own lr schedule, momentum buffers, BatchNorm
+  statistics, teacher snapshots and evaluation; only the pre-step parameters are taken from ours, so the
+  comparison is free of the chaotic drift of free-running twins. ``--inject`` adds overrides to our side (the
+  control that shows a wrong schedule or teacher mode is flagged at its step).
+* **Augmentation check** (``--check-augment``, :func:`check_augment`): THEIR kornia views vs our ``PRDAugment``
+  over 60,000 views per side, per-view statistics compared with batch-clustered standard errors and KS tests.
 * **Logs**: their ``Logger`` writes ``params.json`` / ``db.pickle`` under ``--log_path`` in the temporary cwd.
 """
 
@@ -386,6 +393,244 @@ def check_run(setup_path: str, work: str = "prd_check_run") -> list[tuple[float,
     return list(zip(losses_t, losses_o))
 
 
+def check_shadow(setup_path: str, seed: int, n_tasks: int = 5, extra: list[str] | None = None,
+                 work: str = "prd_check_shadow") -> dict:
+    """Our whole ``Runner`` run, shadowed step by step by THEIR update rule (float64, every task, real draws).
+
+    Our run is the parity row's (``ROWS["prd"]["ours"]``, seed ``seed``, its own initial weights, loader shuffles
+    and ``PRDAugment`` views), on the setup tiled to 3 channels (so conv1 has one shape on both sides) and in
+    float64 (``trainer.precision=64-true``). A shadow official agent (THEIR ``SupConResNet`` + ``RePE``, float64)
+    follows it: before each of our optimizer steps the shadow's parameters are set to ours; after our step the
+    shadow takes THEIR step (``RePE.observe``: ``process_inc`` + ``update``) on the same batch (our labels and our
+    two views, fed through their ``train_tf`` slot) and the two post-step states are compared. Everything else the
+    shadow keeps as the official run would: its own SGD momentum buffers (one optimizer for the whole run), its own
+    learning rate (THEIR ``adjust_learning_rate`` at each epoch start, the epoch counted from the step index, not
+    from our trainer), its own BatchNorm running statistics, its own teacher (THEIR ``on_task_finish`` after the
+    last step of a task) and its own evaluation (THEIR ``predict``: task-IL ``_classify``; class-IL as the
+    runner's ``eval_agent`` wrapper). Because both steps start from the same parameters, the chaotic amplification
+    of free-running twins cannot occur: the per-step difference is round-off unless an update rule, a schedule,
+    a momentum carry-over, a teacher snapshot or a BatchNorm statistic differs somewhere in the run, and then it
+    jumps at that step. The torch RNG is forked around every shadow call, so our run is the normal run of ours.
+    ``extra`` appends overrides to our side only (the control: a deliberately wrong schedule must be flagged).
+    """
+    import math
+    import shutil
+
+    import numpy as np
+    import pytorch_lightning as pl
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from benchmarks.parity.common import official_source
+
+    work_dir = Path(work).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    full = np.load(setup_path)
+    cpt = int(full["classes_per_task"])
+    keep_tr, keep_te = full["train_y"] < n_tasks * cpt, full["test_y"] < n_tasks * cpt
+    npz = work_dir / "tiled.npz"
+    np.savez(npz, train_x=np.repeat(full["train_x"][keep_tr][:, None], 3, 1), train_y=full["train_y"][keep_tr],
+             test_x=np.repeat(full["test_x"][keep_te][:, None], 3, 1), test_y=full["test_y"][keep_te],
+             mean=np.array([0.5] * 3), std=np.array([0.5] * 3), n_tasks=n_tasks, classes_per_task=cpt)
+    train_y = full["train_y"][keep_tr]
+    test_x = (torch.from_numpy(full["test_x"][keep_te]).double()[:, None].repeat(1, 3, 1, 1) / 255.0 - 0.5) * 2.0
+    test_y = torch.from_numpy(full["test_y"][keep_te].astype(np.int64))
+
+    sys.path.insert(0, str(official_source("prd")))
+    _install_shim(str(npz))
+    from methods.repe import RePE
+    from models import SupConResNet
+    from utils import adjust_learning_rate
+
+    hp = ROWS["prd"]["official"]
+    args = types.SimpleNamespace(
+        mem_size=0, input_size=(3, 32, 32), batch_size=hp["batch_size"], buffer_batch_size=64, task_free=0,
+        cka_eval=0, lr=hp["lr"], momentum=0.9, weight_decay=1e-4, n_classes_per_task=cpt, n_tasks=n_tasks,
+        half_iid=0, prototypes_lr=hp["lr"], supcon_temperature=hp["temperature"], distill_temp=hp["distill_t"],
+        prototypes_coef=hp["lambda_p"], distill_coef=hp["lambda_d"], dataset="setup", use_augs=1,
+        n_epochs=hp["epochs"], n_warmup_epochs=hp["warmup"], n_iters=1, task_incremental=1, iid_split=0,
+        eval_layer=-1, multilinear_eval=0, singlelinear_eval=1, keep_training_data=0,
+        lr_decay_epochs=list(hp["milestones"]), lr_decay_rate=0.1, save_snapshot=0)
+    torch.set_default_dtype(torch.float64)
+    model = SupConResNet(name="resnet18", head="mlp", nf=hp["nf"], input_size=(3, 32, 32), feat_dim=hp["proj_dim"],
+                         hidden_dim=hp["proj_hidden"], batch_norm=False, num_layers=3).double()
+    views: list = []
+    agent = RePE(model, types.SimpleNamespace(register_name=lambda n: None), lambda x: views.pop(0), args)
+    torch.set_default_dtype(torch.float32)
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    theirs = {"backbone." + k: p for k, p in model.encoder.named_parameters()}
+    for i, m in zip((0, 2, 4), linears):
+        theirs[f"projector.net.{i}.weight"], theirs[f"projector.net.{i}.bias"] = m.weight, m.bias
+    for t in range(n_tasks):
+        theirs[f"prototypes.{t}.weight"] = agent.prototypes.heads[str(t)].weight
+    steps_per_epoch = [math.ceil(int((train_y // cpt == t).sum()) / hp["batch_size"]) for t in range(n_tasks)]
+
+    import strategies.prd as ours_mod
+    from cl.config import build_config
+    from cl.runner import Runner
+
+    captured: list = []
+    aug_forward, losses_fn, forward = ours_mod.PRDAugment.forward, ours_mod.PRD.losses, ours_mod.PRD.forward
+
+    def aug_wrap(self, x):
+        v = aug_forward(self, x)
+        captured.append(v.detach().clone())
+        return v
+
+    def losses_wrap(self, x, y):
+        captured.append(y.detach().clone())
+        out = losses_fn(self, x, y)
+        captured.append(out["loss"].item())
+        return out
+
+    ours_mod.PRDAugment.forward, ours_mod.PRD.losses = aug_wrap, losses_wrap
+    ours_mod.PRD.forward = lambda self, x: forward(self, x.to(next(self.backbone.parameters()).dtype))
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
+
+    def evaluate_shadow(task: int) -> dict[str, list[float]]:
+        """THEIR predict (task-IL) and the runner's class-IL rule, on THEIR model in eval mode, then train mode."""
+        agent.eval()
+        agent.prototypes.eval()
+        til, cil = [], []
+        with torch.no_grad():
+            h = torch.cat([model.return_hidden(test_x[i:i + 500]) for i in range(0, len(test_x), 500)])
+            seen = F.normalize(torch.cat([agent.prototypes.heads[str(t)].weight for t in range(task + 1)]), dim=1)
+            pred_cil = (F.normalize(h, dim=1) @ seen.T).argmax(1)
+            for j in range(task + 1):
+                m = test_y // cpt == j
+                logits, _ = agent.predict(test_x[m], j)
+                til.append(100.0 * float((logits.argmax(1) == test_y[m] - j * cpt).double().mean()))
+                cil.append(100.0 * float((pred_cil[m] == test_y[m]).double().mean()))
+        agent.train()
+        return {"til": til, "cil": cil}
+
+    log: dict = {"steps": [], "tasks": [], "shadow_eval": []}
+    state = {"task": -1, "step_in_task": 0}
+
+    class Shadow(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            task = pl_module.exp_index
+            if task != state["task"]:
+                if state["task"] >= 0:  # THEIR order at a task's end: evaluate, then on_task_finish (teacher)
+                    log["shadow_eval"].append(evaluate_shadow(state["task"]))
+                    with torch.random.fork_rng():
+                        agent.on_task_finish(state["task"])
+                    ours_t, theirs_t = pl_module.teacher, agent.prev_model
+                    tp = dict(ours_t.encoder.named_parameters())
+                    entry = {"task": task,
+                             "teacher_encoder_rel": max(rel(tp[k], p) for k, p in theirs_t.encoder.named_parameters()),
+                             "teacher_protos_rel": max(rel(ours_t.prototypes[t].weight,
+                                                           agent.prev_prototypes.heads[str(t)].weight)
+                                                       for t in range(n_tasks)),
+                             "bn_running_rel": max(rel(b, dict(model.encoder.named_buffers())[k])
+                                                   for k, b in pl_module.backbone.named_buffers()
+                                                   if b.dtype.is_floating_point)}
+                    log["tasks"].append(entry)
+                state["task"], state["step_in_task"] = task, 0
+            with torch.no_grad():
+                for k, p in pl_module.named_parameters():
+                    if k in theirs:
+                        theirs[k].copy_(p)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            task, k = state["task"], state["step_in_task"]
+            y, v1, v2, our_loss = captured[-4], captured[-3], captured[-2], captured[-1]
+            captured.clear()
+            with torch.random.fork_rng():
+                if k % steps_per_epoch[task] == 0:
+                    adjust_learning_rate(args, agent.opt, k // steps_per_epoch[task])  # THEIR per-epoch lr
+                views[:] = [v1, v2]
+                their_loss = float(agent.observe({"x": v1, "y": y.clone(), "t": task}, update_buffer=False))
+            opt = pl_module.optimizers().optimizer
+            p_rel = b_rel = 0.0
+            for name, p in pl_module.named_parameters():
+                if name not in theirs:
+                    continue
+                q = theirs[name]
+                p_rel = max(p_rel, rel(p.detach(), q.detach()))
+                mb, mq = opt.state.get(p, {}).get("momentum_buffer"), agent.opt.state.get(q, {}).get("momentum_buffer")
+                if (mb is None) != (mq is None):
+                    b_rel = float("inf")
+                elif mb is not None:
+                    b_rel = max(b_rel, rel(mb, mq))
+            log["steps"].append([task, k // steps_per_epoch[task], opt.param_groups[0]["lr"],
+                                 agent.opt.param_groups[0]["lr"], our_loss, their_loss, p_rel, b_rel])
+            state["step_in_task"] = k + 1
+
+    shutil.rmtree(work_dir / "ours", ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={npz}", f"scenario.n_experiences={n_tasks}",
+                              "scenario.augment=false", f"seed={seed}", f"run.dir={work_dir / 'ours'}",
+                              "run.checkpoint=false", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                              "trainer.logger=none", "trainer.precision=64-true", *ROWS["prd"]["ours"],
+                              *(extra or [])])
+    Runner(cfg, callbacks=[Shadow()]).run()
+    log["shadow_eval"].append(evaluate_shadow(state["task"]))
+    import json
+
+    metrics = json.loads((work_dir / "ours" / "metrics.json").read_text())
+    log["ours_cil"] = [[None if v is None else 100.0 * v for v in r] for r in metrics["accuracy_matrix"]]
+    log["ours_til"] = [[None if v is None else 100.0 * v for v in r] for r in metrics["til_accuracy_matrix"]]
+    return log
+
+
+def check_augment(setup_path: str, n_images: int = 2000, repeats: int = 10, seed: int = 0) -> dict[str, dict]:
+    """THEIR kornia-0.6.1 view pipeline vs our ``PRDAugment``: per-view statistics over many draws, two-sample tests.
+
+    ``n_images`` training images x ``repeats`` draws per side, in batches of the row's size (kornia draws the jitter
+    order per batch, as ours): theirs on the images tiled to 3 channels (as the official run sees them, channel 0
+    kept), ours on the 1-channel images (as our run sees them). For each view: mean, std, share of pixels exactly 0,
+    share negative, share at -1 (crop padding and background), and the mean of its left and top 4-pixel borders
+    (crop offset and flip). The jitter's order is drawn once per batch on both sides, so the views of one batch are
+    not independent: each statistic is averaged per batch and the batch means are the samples. Returns, per
+    statistic, both sides' mean, the difference with its standard error and the Kolmogorov-Smirnov p-value of the
+    two samples of batch means.
+    """
+    import numpy as np
+    import torch
+    from scipy.stats import ks_2samp
+
+    from benchmarks.parity.common import official_source
+
+    sys.path.insert(0, str(official_source("prd")))
+    _install_shim(setup_path)
+    from data.cifar import CIFAR
+
+    import strategies.prd as ours_mod
+
+    torch.manual_seed(seed)
+    data = np.load(setup_path)
+    x = (torch.from_numpy(data["train_x"][:n_images]).float()[:, None] / 255.0 - 0.5) * 2.0
+    theirs_tf = CIFAR.train_transforms(use_augs=True)
+    ours_tf = ours_mod.PRDAugment(4, 0.4, 0.8, 0.2, "kornia")
+    bs = ROWS["prd"]["official"]["batch_size"]
+
+    def stats(v: torch.Tensor) -> dict[str, torch.Tensor]:
+        flat = v.flatten(1)
+        return {"mean": flat.mean(1), "std": flat.std(1), "zero": (flat == 0).float().mean(1),
+                "near_zero": (flat.abs() < 1e-5).float().mean(1),
+                "negative": (flat < 0).float().mean(1), "at_minus_1": (flat <= -1 + 1e-6).float().mean(1),
+                "left_border": v[..., :, :4].mean((1, 2, 3)), "top_border": v[..., :4, :].mean((1, 2, 3))}
+
+    out: dict[str, list] = {"theirs": [], "ours": []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for i in range(0, len(x), bs):
+                b = x[i:i + bs]
+                out["theirs"].append({k: v.mean() for k, v in stats(theirs_tf(b.repeat(1, 3, 1, 1))[:, :1]).items()})
+                out["ours"].append({k: v.mean() for k, v in stats(ours_tf(b)).items()})
+    res: dict[str, dict] = {}
+    for k in out["theirs"][0]:
+        a = torch.stack([d[k] for d in out["theirs"]]).double().numpy()
+        o = torch.stack([d[k] for d in out["ours"]]).double().numpy()
+        se = float(np.sqrt(a.var(ddof=1) / len(a) + o.var(ddof=1) / len(o)))
+        res[k] = {"theirs": float(a.mean()), "ours": float(o.mean()), "diff": float(o.mean() - a.mean()), "se": se,
+                  "ks_p": float(ks_2samp(a, o).pvalue), "n_batches": len(a)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--row")
@@ -394,7 +639,45 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--check-step", action="store_true", help="only compare one training step (float64), print it")
     ap.add_argument("--check-run", action="store_true", help="only step a 10-step 2-task run on both sides, print it")
+    ap.add_argument("--check-shadow", action="store_true",
+                    help="our whole run (float64) shadowed step by step by THEIR update rule; JSON log to --out")
+    ap.add_argument("--tasks", type=int, default=5, help="--check-shadow: the first N tasks of the setup")
+    ap.add_argument("--inject", nargs="*", default=[], help="--check-shadow: extra overrides of OUR side (controls)")
+    ap.add_argument("--repeats", type=int, default=10, help="--check-augment: draws per image and side")
+    ap.add_argument("--check-augment", action="store_true",
+                    help="THEIR kornia views vs our PRDAugment: per-view statistics, two-sample tests (JSON to --out)")
     a = ap.parse_args()
+    if a.check_augment:
+        import json
+
+        res = check_augment(a.setup, repeats=a.repeats)
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        for k, r in res.items():
+            print(f"{k:>12}: theirs {r['theirs']:+.4f} ours {r['ours']:+.4f} diff {r['diff']:+.5f} "
+                  f"(se {r['se']:.5f}) KS p {r['ks_p']:.3f} batches {r['n_batches']}")
+        return
+    if a.check_shadow:
+        import json
+
+        log = check_shadow(a.setup, 0 if a.seed is None else a.seed, a.tasks, a.inject)
+        log.update(seed=a.seed, n_tasks=a.tasks, inject=a.inject)
+        if a.out:
+            Path(a.out).write_text(json.dumps(log) + "\n")
+        worst = {}
+        for task, _, lr_o, lr_t, _, _, p_rel, b_rel in log["steps"]:
+            w = worst.setdefault(task, [0.0, 0.0, 0.0])
+            w[0], w[1], w[2] = max(w[0], p_rel), max(w[1], b_rel), max(w[2], abs(lr_o - lr_t))
+        for task, (p_rel, b_rel, lr_d) in worst.items():
+            print(f"task {task}: params max rel diff {p_rel:.1e}, momentum {b_rel:.1e}, lr {lr_d:.1e}")
+        for e in log["tasks"]:
+            print(e)
+        for t, ev in enumerate(log["shadow_eval"]):
+            ours_til, ours_cil = log["ours_til"][t][: t + 1], log["ours_cil"][t][: t + 1]
+            print(f"after task {t}: til theirs {[round(v, 2) for v in ev['til']]} "
+                  f"ours {[round(v, 2) for v in ours_til]} | cil theirs {[round(v, 2) for v in ev['cil']]} "
+                  f"ours {[round(v, 2) for v in ours_cil]}")
+        return
     if a.check_run:
         for i, (t, o) in enumerate(check_run(a.setup)):
             print(f"step {i}: official loss {t:.10f} ours {o:.10f} diff {abs(t - o):.1e}")
