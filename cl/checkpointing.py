@@ -36,6 +36,7 @@ SIGTERM stays bypassed and USR2 stays with its requeue handler, which resumes fr
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
@@ -77,8 +78,9 @@ _REQUEST = _Request()
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _REQUEST.signum is None:
         _REQUEST.signum = signum
-        print(f"cl: {signal.Signals(signum).name} received: checkpoint at the next batch boundary, then exit",
-              file=sys.stderr, flush=True)
+        # os.write, not print: a handler that interrupts a print to stderr would re-enter its buffer and raise
+        os.write(2, f"cl: {signal.Signals(signum).name} received: checkpoint at the next batch boundary, then "
+                    "exit\n".encode())
     trainer, cb = _REQUEST.trainer, _REQUEST.callback
     if trainer is not None and cb is not None and cb not in trainer.callbacks:
         cb.arm(trainer)  # a list append: Lightning reads trainer.callbacks afresh at every hook
@@ -138,6 +140,11 @@ class _StopVote:
         if self.work is not None:
             self.work.wait()
             self.work = None
+
+
+def setup_stop_vote() -> None:
+    """Create the stop vote's process group; every rank calls it at the same point, once per run, before any fit."""
+    _StopVote.setup()
 
 
 # ---------------------------------------------------------------------------------------------------- RNG states

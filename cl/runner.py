@@ -241,8 +241,8 @@ class Runner:
         self._run_loggers = self._loggers(run_dir, dist)
         ctx = RunContext(cfg, scenario, dist, dist.device, run_dir, model, loggers=self._run_loggers)
         step_state: checkpointing.StepState | None = None
-        if dist.active and cfg.run.checkpoint:
-            checkpointing._StopVote.setup()  # collective: every rank, once, before the first fit
+        if dist.active:
+            checkpointing.setup_stop_vote()  # collective: every rank, once, before the first fit
         if start is not None:
             folder = start
             start = self._restore(folder, model, callbacks, ctx)
@@ -325,9 +325,10 @@ class Runner:
         if resume is not None:
             self._restore_step(resume, model, phase, callbacks, ctx)
         step_cb = None
-        if cfg.run.checkpoint:
+        if cfg.run.checkpoint or resume is not None:
             step_cb = checkpointing.StepCheckpoint(ctx, k, phase.name, cfg.run.checkpoint_every_n_steps,
-                                                   ctx.global_step, callbacks, resume=resume, write=write_steps)
+                                                   ctx.global_step, callbacks, resume=resume,
+                                                   write=write_steps and bool(cfg.run.checkpoint))
         pl_callbacks = [c for cb in callbacks for c in cb.trainer_callbacks(ctx)]
         pl_callbacks += [cb for cb in self._user_callbacks() if isinstance(cb, pl.Callback)]
         if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in pl_callbacks):
@@ -338,8 +339,8 @@ class Runner:
         if step_cb is not None:
             # attached now when it has per-step work (periodic checkpoints, the DDP stop vote, a resume); else the
             # signal handler attaches it, and an uninterrupted single-process run pays nothing per step
-            needed = (cfg.run.checkpoint_every_n_steps is not None and write_steps) or ctx.dist.world_size > 1 \
-                or resume is not None
+            needed = (cfg.run.checkpoint_every_n_steps is not None and step_cb.write) or resume is not None \
+                or (ctx.dist.world_size > 1 and bool(cfg.run.checkpoint))
             checkpointing.attach(pl_callbacks, step_cb, needed)
         trainer = make_trainer(cfg, epochs, pl_callbacks, ctx.loggers, ctx.run_dir)
         checkpointing.activate(trainer, step_cb)

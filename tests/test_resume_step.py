@@ -66,8 +66,10 @@ def reference(tmp_path_factory):
     return res.metrics["correct"], _weights(run)
 
 
-def test_crash_between_step_checkpoints_resumes_exactly(tmp_path, reference):
-    """Crash at step 30 of experience 1 (epoch 1, batch 8); the newest checkpoint is step 28 of the run (every 4)."""
+@pytest.mark.parametrize("resume_with", ["run.checkpoint_every_n_steps=4", "run.checkpoint=false"])
+def test_crash_between_step_checkpoints_resumes_exactly(tmp_path, reference, resume_with):
+    """Crash at step 30 of experience 1 (epoch 1, batch 8); the newest checkpoint is run step 92 (every 4). The
+    resumed run may write no checkpoints of its own and still continues from the file."""
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="crash"):
         Runner(_cfg(run, "run.checkpoint_every_n_steps=4"), callbacks=[Crash(1, 30)]).run()
@@ -79,10 +81,11 @@ def test_crash_between_step_checkpoints_resumes_exactly(tmp_path, reference):
     assert state["global_step"] == 92 and state["global_step"] % 4 == 0
     assert state["optimizers"][0]["state"], "SGD momentum buffers are in the file"
     assert {"torch", "numpy", "python"} <= set(state["rng"])
-    resumed = Runner(_cfg(run, "run.checkpoint_every_n_steps=4", "resume=auto"))
+    resumed = Runner(_cfg(run, resume_with, "resume=auto"))
     res = resumed.run()
     assert (res.metrics["correct"], _weights(resumed)) == reference
-    assert not (run / "checkpoints" / STEP_FILE).exists(), "a finished experience drops its step checkpoint"
+    if resume_with != "run.checkpoint=false":
+        assert not (run / "checkpoints" / STEP_FILE).exists(), "a finished experience drops its step checkpoint"
 
 
 @pytest.mark.parametrize("every, step", [(21, 23), (63, 10)])
