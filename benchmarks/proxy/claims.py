@@ -154,7 +154,7 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
             lines.append(f"* {label} vs `ncm`: not run.")
     # L2P and DualPrompt: rehearsal-free prompting above fine-tuning; DualPrompt above L2P (both papers' tables)
     ftl = last(("vit", "finetune"))
-    for name, label in (("l2p", "L2P"), ("dualprompt", "DualPrompt")):
+    for name, label in (("l2p", "L2P"), ("dualprompt", "DualPrompt"), ("coda_prompt", "CODA-Prompt")):
         mine = last(("vit", name))
         if mine and ftl:
             a, b = statistics.mean(mine), statistics.mean(ftl)
@@ -168,6 +168,13 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
         gap = 100 * (statistics.mean(dp) - statistics.mean(l2p))
         lines.append(f"* **DualPrompt above L2P: {'held' if gap > 0 else 'did not hold'}.** Last accuracy {ms(dp)} % "
                      f"vs {ms(l2p)} % ({gap:+.1f} points).")
+    # CODA-Prompt above DualPrompt and L2P (CODA-Prompt paper, Tables 1-2)
+    coda = last(("vit", "coda_prompt"))
+    for other, label in ((dp, "DualPrompt"), (l2p, "L2P")):
+        if coda and other:
+            gap = 100 * (statistics.mean(coda) - statistics.mean(other))
+            lines.append(f"* **CODA-Prompt above {label}: {'held' if gap > 0 else 'did not hold'}.** Last accuracy "
+                         f"{ms(coda)} % vs {ms(other)} % ({gap:+.1f} points).")
     # k-FPF vs ER
     kf, er = get(("scratch", "kfpf"), []), get(("scratch", "er"), [])
     if kf and er:

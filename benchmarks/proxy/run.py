@@ -4,7 +4,7 @@
 Rows are grouped by backbone, as the papers use them:
 
 * ``vit``: the ViT pre-trained on the SOURCE half of Fashion-MNIST (``assets/backbones/vit_p4_w64_d4_fmnist.pt``)
-  for the pre-trained-model strategies (SLCA, LAE, SEMA, RanPAC, APER, L2P, DualPrompt, ``ncm``), with
+  for the pre-trained-model strategies (SLCA, LAE, SEMA, RanPAC, APER, L2P, DualPrompt, CODA-Prompt, ``ncm``), with
   ``finetune`` and ``joint`` as bounds;
 * ``scratch``: a narrow CIFAR ResNet-18 trained from scratch for the rest (k-FPF, ER, DER++, PRD, ...), with
   ``finetune``, ``joint`` and the Avalanche references on the same model, data, epochs, batch size and optimizer.
@@ -79,7 +79,7 @@ GROUPS: dict[str, dict[str, Any]] = {
     },
 }
 #: strategies built on a pre-trained model; every other registered strategy goes to ``scratch``
-PRETRAINED = {"slca", "lae", "sema", "ncm", "ranpac", "aper", "l2p", "dualprompt"}
+PRETRAINED = {"slca", "lae", "sema", "ncm", "ranpac", "aper", "l2p", "dualprompt", "coda_prompt"}
 #: baselines that appear in both groups
 BASELINES = ("finetune", "joint")
 #: Avalanche hyper-parameters (defaults of its examples on split MNIST-like streams)
