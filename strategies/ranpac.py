@@ -13,7 +13,9 @@ Continual Learning", NeurIPS 2023 (arXiv 2307.02251). Follows the official code 
   ``h W``. Nothing of the stream is trained by gradient.
 * **lambda**: at every experience (as the official ``replace_fc``) the grid ``10^-8 .. 10^8`` is scored on that
   experience's data: fit on 80 %, mean squared error of the one-hot targets on the other 20 %; the best one is
-  used for the whole ``G``. ``ridge_criterion=accuracy`` scores held-out accuracy instead.
+  used for the whole ``G``. ``ridge_criterion=accuracy`` scores held-out accuracy instead. The search solves in
+  float32 as the official code does (``ridge_search_precision``): with fewer fitting rows than M the exact error is
+  flat over the small lambdas and an exact search can pick 1e-8, which fails once ``G`` holds about M samples.
 
 CL state (buffers, so checkpoints carry it): ``w_rand`` (float32, drawn once after phase 1 from
 ``ctx.generator``, the same on every rank), ``gram`` and ``q`` (float64 sums, reduced across ranks with
@@ -84,6 +86,10 @@ class RanPAC(FirstSessionAdaptation, CLStrategy):
                                    choices=("mse", "accuracy"))
         ridge_every: str = opt("experience", "choose lambda at every experience (official) | first (then keep it)",
                                choices=("experience", "first"))
+        ridge_search_precision: str = opt(
+            "float32", "precision of the lambda search's solves: float32 (official: torch.linalg.solve in float32, "
+            "which cannot resolve lambdas below ~0.1 on a singular G_fit and so never picks them) | float64 (exact)",
+            choices=("float32", "float64"))
         feature_batch_size: int | None = opt(None, "batch size of feature passes (null = data.eval_batch_size)",
                                              ge=1)
 
@@ -179,15 +185,28 @@ class RanPAC(FirstSessionAdaptation, CLStrategy):
                      h_val: Tensor | None, y_val: Tensor | None, ctx: RunContext) -> list[float]:
         """Held-out score of each grid lambda (higher is better: minus the MSE, or the accuracy).
 
-        ``W(lambda) = (G_fit + lambda I)^-1 Q_fit`` for all lambdas from one eigendecomposition of ``G_fit``. The
+        ``W(lambda) = (G_fit + lambda I)^-1 Q_fit``: a float32 ``solve`` per lambda as the official code
+        (``ridge_search_precision=float32``), or exactly for all lambdas from one float64 eigendecomposition. The
         squared error of the one-hot targets is ``tr(W^T G_val W) - 2 tr(W^T Q_val) + n_val`` (sums only, exact
         under DDP), divided by the number of targets as ``F.mse_loss`` does.
         """
-        evals, evecs = torch.linalg.eigh(g_fit)  # G_fit = V diag(e) V^T
-        vq = evecs.t() @ q_fit  # (M, C)
+        exact = self.cfg.ridge_search_precision == "float64"
+        if exact:
+            evals, evecs = torch.linalg.eigh(g_fit)  # G_fit = V diag(e) V^T
+            vq = evecs.t() @ q_fit  # (M, C)
+        else:
+            g32, q32 = g_fit.float(), q_fit.float()
+            eye32 = torch.eye(g32.shape[0], dtype=g32.dtype, device=g32.device)
         scores: list[float] = []
         for lam in self.cfg.ridge_grid:
-            w = evecs @ (vq / (evals + float(lam)).unsqueeze(1))  # (M, C)
+            if exact:
+                w = evecs @ (vq / (evals + float(lam)).unsqueeze(1))  # (M, C)
+            else:
+                # the official float32 solve: with fewer fitting rows than M (G_fit singular) it returns noise for
+                # small lambdas, whose held-out error then rules them out. Exact float64 finds the error flat there
+                # (the minimum-norm interpolator) and may pick 1e-8, which breaks down once the accumulated G has
+                # about M samples (measured: docs/strategies/ranpac.md, "Proxy table")
+                w = torch.linalg.solve(g32 + float(lam) * eye32, q32).double()
             if self.cfg.ridge_criterion == "mse":
                 sq = (w * (g_val @ w)).sum() - 2 * (w * q_val).sum() + n_val
                 scores.append(-float(sq) / max(1, n_val * q_fit.shape[1]))

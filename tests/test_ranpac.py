@@ -8,6 +8,7 @@ import hashlib
 import threading
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -147,7 +148,8 @@ def test_projection_is_seeded_the_same_on_every_rank_and_kept_on_resume():
 
 def test_ridge_is_the_grid_value_with_the_best_held_out_score():
     for criterion in ("mse", "accuracy"):
-        cfg = build_config(None, [*FAST, f"strategy.ridge_criterion={criterion}"])
+        cfg = build_config(None, [*FAST, f"strategy.ridge_criterion={criterion}",
+                                  "strategy.ridge_search_precision=float64"])
         sc = build_scenario(cfg)
         model = build_strategy(cfg, sc)
         exp = sc.experiences[0]
@@ -178,3 +180,37 @@ def test_ridge_is_the_grid_value_with_the_best_held_out_score():
 
 def _sums(h: torch.Tensor, y1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return h.t() @ h, h.t() @ y1
+
+
+def test_float32_search_is_the_official_procedure():
+    """The default search (``ridge_search_precision=float32``) scores each lambda as the official
+    ``optimise_ridge_parameter``: ``torch.linalg.solve`` in float32 on the fitting rows, ``F.mse_loss`` on the rest,
+    argmin over the grid; here with fewer fitting rows than M (G_fit singular), the regime of RanPAC's first task."""
+    g = torch.Generator().manual_seed(0)
+    m, n_fit, n_val = 400, 80, 40
+    centres = torch.randn(2, 32, generator=g)
+    y = torch.arange(n_fit + n_val) % 2
+    f = centres[y] + 0.8 * torch.randn(n_fit + n_val, 32, generator=g)
+    h = torch.relu(f @ torch.randn(32, m, generator=g))
+    y1 = F.one_hot(y, 2).float()
+    h64, y64 = h.double(), y1.double()
+    sums = (h64[:n_fit].t() @ h64[:n_fit], h64[:n_fit].t() @ y64[:n_fit], h64[n_fit:].t() @ h64[n_fit:],
+            h64[n_fit:].t() @ y64[n_fit:])
+    official = []  # their code, float32 from the features
+    for lam in RIDGE_GRID:
+        wo = torch.linalg.solve(sums[0].float() + lam * torch.eye(m), sums[1].float()).T
+        official.append(F.mse_loss(h[n_fit:] @ wo.T, y1[n_fit:]).item())
+    cfg = build_config(None, [*FAST, "strategy.projection_dim=400"])
+    model = build_strategy(cfg, build_scenario(cfg))
+    assert model.cfg.ridge_search_precision == "float32"
+    scores = model.ridge_scores(*sums, n_val, None, None, _ctx(seed=0))
+    for lam, s, ref in zip(RIDGE_GRID, scores, official, strict=True):
+        assert -s == pytest.approx(ref, rel=1e-3, abs=1e-6), (lam, -s, ref)
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    assert best == min(range(len(official)), key=lambda i: official[i])
+    # the exact search differs from it where float32 cannot resolve the singular system
+    exact = build_strategy(build_config(None, [*FAST, "strategy.projection_dim=400",
+                                              "strategy.ridge_search_precision=float64"]), build_scenario(cfg))
+    e_scores = exact.ridge_scores(*sums, n_val, None, None, _ctx(seed=0))
+    assert max(abs(a - b) for a, b in zip(e_scores[:3], scores[:3])) > 10 * max(abs(a - b) for a, b in
+                                                                                zip(e_scores[-5:], scores[-5:]))
