@@ -110,7 +110,7 @@ def test_signal_in_mid_experience_then_the_requeued_command_gives_the_same_matri
     ref = cl_cli(["train", *args, f"run.dir={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "preempted"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")  # cl_cli's: the same thread count
     proc = subprocess.Popen([sys.executable, "-m", "cl", "train", *args, f"run.dir={run}"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
