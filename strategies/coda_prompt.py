@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from cl.config import StrategyConfig, opt
 from cl.errors import ConfigError
-from cl.peft import PETSpec, PETWrapper, PrefixAttention, active_adapters, inject
+from cl.peft import AttentionPrefixSpec, active_adapters, inject
 from cl.registry import register_strategy
 from cl.strategy import CLStrategy
 
@@ -174,17 +174,13 @@ class CodaPool(nn.Module):
 
 
 @dataclass
-class CodaSpec(PETSpec):
+class CodaSpec(AttentionPrefixSpec):
     """A :class:`CodaPool` inside ``blocks.N.attn`` (a timm ``Attention``), wrapped by ``PrefixAttention``."""
 
     length: int = 8
-    wrapper: ClassVar[type[PETWrapper]] = PrefixAttention
-
-    def target(self, block: int) -> str:
-        return f"blocks.{block}.attn"
 
     def build(self, base_layer: nn.Module) -> nn.Module:
-        dim = base_layer.num_heads * base_layer.head_dim
+        dim = self.attention_width(base_layer)
         return CodaPool(dim, dim, self.length)
 
 

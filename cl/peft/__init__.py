@@ -36,12 +36,13 @@ from cl.peft.inject import (
     wrappers,
 )
 from cl.peft.lora import KVLoRA, LoRA, LoRASpec
-from cl.peft.prefix import Prefix, PrefixAttention, PrefixSpec
+from cl.peft.prefix import AttentionPrefixSpec, Prefix, PrefixAttention, PrefixSpec
 from cl.peft.prompt import FedPrefix, FedPrefixSpec, PromptInput, PromptInputSpec, PromptPool, feed, l2_normalize
 
 __all__ = [
     "PET_KEY", "PETSpec", "PETWrapper", "ParallelWrapper", "SequentialWrapper", "InputTap", "PrefixAttention",
-    "Adapter", "AdapterSpec", "Scale", "io_dims", "LoRA", "KVLoRA", "LoRASpec", "Prefix", "PrefixSpec",
+    "Adapter", "AdapterSpec", "Scale", "io_dims", "LoRA", "KVLoRA", "LoRASpec", "AttentionPrefixSpec",
+    "Prefix", "PrefixSpec",
     "inject", "remove", "wrappers", "adapter_names", "is_pet_name", "pet_parameters", "pet_named_parameters",
     "mark_only_pet_trainable", "pet_state_dict", "load_pet_state_dict", "set_active", "active_adapters",
     "copy_adapter", "ema_update_", "params_to_buffers_",

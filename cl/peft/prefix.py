@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from cl.peft.adapter import Scale
 from cl.peft.inject import PETSpec, PETWrapper
 
-__all__ = ["Prefix", "PrefixAttention", "PrefixSpec"]
+__all__ = ["AttentionPrefixSpec", "Prefix", "PrefixAttention", "PrefixSpec"]
 
 
 class Prefix(nn.Module):
@@ -101,8 +101,25 @@ class PrefixAttention(PETWrapper):
         return a.proj_drop(a.proj(out))
 
 
+class AttentionPrefixSpec(PETSpec):
+    """Base of every spec whose module sits in ``blocks.N.attn`` (a timm ``Attention``) behind
+    :class:`PrefixAttention`: LAE's :class:`PrefixSpec`, the fed prefixes of L2P/DualPrompt, CODA-Prompt's pool."""
+
+    wrapper: ClassVar[type[PETWrapper]] = PrefixAttention
+
+    def target(self, block: int) -> str:
+        return f"blocks.{block}.attn"
+
+    @staticmethod
+    def attention_width(base_layer: nn.Module) -> int:
+        """The width of the prefix tokens (heads x head dim) of a plain timm ``Attention``; a clear error otherwise."""
+        if isinstance(base_layer, PETWrapper) or not all(hasattr(base_layer, a) for a in ("qkv", "proj", "num_heads")):
+            raise ValueError(f"a prefix needs a plain timm Attention at blocks.N.attn, got {type(base_layer).__name__}")
+        return base_layer.num_heads * base_layer.head_dim
+
+
 @dataclass
-class PrefixSpec(PETSpec):
+class PrefixSpec(AttentionPrefixSpec):
     """Prefix tokens in ``blocks.N.attn`` (a timm ``Attention``). LAE: length 10, position 1, compensation on."""
 
     length: int = 10
@@ -111,13 +128,6 @@ class PrefixSpec(PETSpec):
     scale: str = "learnable"
     init_range: float = 0.01
 
-    wrapper: ClassVar[type[PETWrapper]] = PrefixAttention
-
-    def target(self, block: int) -> str:
-        return f"blocks.{block}.attn"
-
     def build(self, base_layer: nn.Module) -> nn.Module:
-        if isinstance(base_layer, PETWrapper) or not all(hasattr(base_layer, a) for a in ("qkv", "proj", "num_heads")):
-            raise ValueError(f"a prefix needs a plain timm Attention at blocks.N.attn, got {type(base_layer).__name__}")
-        return Prefix(base_layer.num_heads * base_layer.head_dim, self.length, self.position, self.compensation,
-                      self.scale, self.init_range)
+        return Prefix(self.attention_width(base_layer), self.length, self.position, self.compensation, self.scale,
+                      self.init_range)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cl.peft.inject import PETSpec, PETWrapper
-from cl.peft.prefix import PrefixAttention
+from cl.peft.prefix import AttentionPrefixSpec
 
 __all__ = ["l2_normalize", "PromptPool", "PromptInput", "PromptInputSpec", "FedPrefix", "FedPrefixSpec", "feed"]
 
@@ -181,17 +181,11 @@ class PromptInputSpec(PETSpec):
 
 
 @dataclass
-class FedPrefixSpec(PETSpec):
+class FedPrefixSpec(AttentionPrefixSpec):
     """Fed per-sample prefixes in ``blocks.N.attn`` (a timm ``Attention``), reusing :class:`PrefixAttention`."""
 
-    wrapper: ClassVar[type[PETWrapper]] = PrefixAttention
-
-    def target(self, block: int) -> str:
-        return f"blocks.{block}.attn"
-
     def build(self, base_layer: nn.Module) -> nn.Module:
-        if isinstance(base_layer, PETWrapper) or not all(hasattr(base_layer, a) for a in ("qkv", "proj", "num_heads")):
-            raise ValueError(f"a prefix needs a plain timm Attention at blocks.N.attn, got {type(base_layer).__name__}")
+        self.attention_width(base_layer)  # the same clear error as LAE's prefix for a wrong target
         return FedPrefix()
 
 
