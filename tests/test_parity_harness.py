@@ -160,3 +160,38 @@ def test_aper_row_runs_on_our_side(setup, tmp_path):
                                      "scenario.n_experiences=2"], threads=1)
     assert len(res.acc) == 2 and res.acc[0] > 60.0  # above chance (50) with 20 prototype images per class
     assert res.acc[1] == pytest.approx((res.matrix[1][0] + res.matrix[1][1]) / 2)  # 10 test images per class
+
+
+def test_capturing_eval_cnn_keeps_top1_and_returns_unchanged():
+    """The official runners' wrapper of a PyCIL ``_eval_cnn``: bound (a learner's method) and unbound (a class
+    attribute taking ``self``) alike, it returns what the original returns and keeps the top-1 column and labels."""
+    from benchmarks.parity.common import capturing_eval_cnn
+
+    y_pred = np.array([[3, 1], [0, 2], [1, 0]])
+    y_true = np.array([3, 2, 1])
+
+    class Learner:
+        def _eval_cnn(self, loader):
+            return y_pred, y_true
+
+    captured: dict = {}
+    learner = Learner()
+    out = capturing_eval_cnn(learner._eval_cnn, captured)("loader")
+    assert out[0] is y_pred and out[1] is y_true
+    Learner._eval_cnn = capturing_eval_cnn(Learner._eval_cnn, captured)
+    learner._eval_cnn("loader")
+    assert len(captured["evals"]) == 2
+    for top1, labels in captured["evals"]:
+        assert top1.tolist() == [3, 0, 1] and labels.tolist() == [3, 2, 1]
+    y_pred[0, 0] = 9  # copies: a later change of their arrays does not reach the captured ones
+    assert captured["evals"][0][0].tolist() == [3, 0, 1]
+
+
+def test_run_result_write_is_atomic_json_that_loads_back(tmp_path):
+    res = RunResult(row="r", side="official", seed=3, acc=[90.0, 80.0], wall_s=1.5, matrix=[[90.0, None]],
+                    extra={"k": [1, 2]}, command="cmd")
+    path = res.write(tmp_path / "sub" / "out.json")
+    assert path == tmp_path / "sub" / "out.json" and not list(tmp_path.glob("sub/*.tmp"))
+    assert RunResult.load(path) == res
+    assert res.save(tmp_path) == tmp_path / "r" / "official_seed3.json"
+    assert RunResult.load(tmp_path / "r" / "official_seed3.json") == res

@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,11 @@ class RunResult:
         return float(np.mean(self.acc))
 
     def save(self, root: Path = RESULTS) -> Path:
-        path = root / self.row / f"{self.side}_seed{self.seed}.json"
+        return self.write(root / self.row / f"{self.side}_seed{self.seed}.json")
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write this result as JSON to ``path``, atomically (the official runners' ``--out``, :meth:`save`)."""
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -232,6 +237,19 @@ def counts_from_predictions(evals: list[tuple[Any, Any]], n_tasks: int, classes_
         total.append(row_n)
         matrix.append(row_m)
     return seen_accuracy(correct, total), matrix
+
+
+def capturing_eval_cnn(eval_cnn: Callable[..., tuple[Any, Any]], captured: dict) -> Callable[..., tuple[Any, Any]]:
+    """Wrap a PyCIL / LAMDA-PILOT ``_eval_cnn`` (bound or unbound; it returns ``(y_pred (N, topk), y_true)``) so that
+    every call also appends its top-1 predictions and labels to ``captured["evals"]`` (for
+    :func:`counts_from_predictions`); what it returns is unchanged."""
+
+    def wrapped(*args: Any) -> tuple[Any, Any]:
+        y_pred, y_true = eval_cnn(*args)
+        captured.setdefault("evals", []).append((y_pred[:, 0].copy(), y_true.copy()))
+        return y_pred, y_true
+
+    return wrapped
 
 
 def thread_env(threads: int) -> dict[str, str]:

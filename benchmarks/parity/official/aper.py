@@ -61,7 +61,6 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 #: the shared hyperparameters (both sides equal; scaled-down values of ``exps/aper_adapter/cifar224_5_5_vit-b_adapter``)
@@ -97,6 +96,8 @@ def build_pretrained_vit():
 
 def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
     """Swap in the CPU / tiny-setup pieces (see the module docstring) after importing their modules."""
+    from benchmarks.parity.common import capturing_eval_cnn
+
     for cat in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=cat)
 
@@ -128,14 +129,7 @@ def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
     def get_model_capturing(name: str, args: dict):
         model = get_model(name, args)
         model.topk = 1
-        eval_cnn = model._eval_cnn
-
-        def eval_cnn_capturing(loader):
-            y_pred, y_true = eval_cnn(loader)
-            captured.setdefault("evals", []).append((y_pred[:, 0].copy(), y_true.copy()))
-            return y_pred, y_true
-
-        model._eval_cnn = eval_cnn_capturing
+        model._eval_cnn = capturing_eval_cnn(model._eval_cnn, captured)
         return model
 
     factory.get_model_capturing = get_model_capturing
@@ -190,7 +184,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=acc, wall_s=round(wall, 2), matrix=matrix,
                     extra={"official_top1": top1, "adapter_up_norms": up_norms, "hyperparameters": spec})
-    Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
     np.testing.assert_allclose(acc, top1, atol=0.01)  # their own top-1 curve (2 decimals)
 
 

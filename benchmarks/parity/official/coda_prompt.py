@@ -43,11 +43,9 @@ Shims:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +225,7 @@ def main() -> None:
                                                 "batch_size": cargs.batch_size, "lr": cargs.lr,
                                                 "rand_split": False, "split_size": cpt}},
                     command=" ".join(sys.argv))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
     print(f"{args.row} official seed {args.seed}: acc {' '.join(f'{a:.1f}' for a in res.acc)}")
 
 

@@ -34,11 +34,9 @@ runner swaps in, at run time (:func:`install_shims`):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +276,7 @@ def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
     extra = {"acc_argmax_over_seen_classes": acc_seen, "flags": spec["flags"],
              "missing_keys": captured.get("missing", [])}
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=acc, wall_s=wall, matrix=matrix, extra=extra)
-    Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
 
 
 if __name__ == "__main__":

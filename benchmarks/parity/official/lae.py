@@ -60,11 +60,9 @@ import copy
 import dataclasses
 import importlib.abc
 import importlib.machinery
-import json
 import sys
 import time
 import types
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -387,8 +385,7 @@ def main() -> None:
                            "offline_matrix": [record[t]["offline"] for t in tasks],
                            "logits": [record[t]["logits"] for t in tasks]},
                     command=" ".join(sys.argv))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
     print(f"{args.row} official seed {args.seed}: acc {' '.join(f'{a:.1f}' for a in acc)}")
 
 

@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import sys
 import types
-from dataclasses import asdict
 from pathlib import Path
 
 #: the values shared by both sides (one place, so the two command lines cannot drift apart)
@@ -760,7 +759,7 @@ def main() -> None:
                            "proto_max_cos": proto_cos})
     import json
 
-    Path(a.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(a.out)
 
 
 if __name__ == "__main__":

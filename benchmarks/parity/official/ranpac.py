@@ -54,7 +54,6 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 #: the shared hyperparameters (both sides equal; scaled-down values of ``args/cifar224_publish.csv`` row 7)
@@ -168,6 +167,8 @@ def setup_idata(base: type, setup: dict) -> type:
 
 def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
     """Swap in the CPU / tiny-setup pieces (see the module docstring) after importing their modules."""
+    from benchmarks.parity.common import capturing_eval_cnn
+
     for cat in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=cat)
     install_cpu_shim()
@@ -196,14 +197,7 @@ def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
         return ridge
 
     RanPAC.Learner.optimise_ridge_parameter = optimise_logged
-    eval_cnn = RanPAC.Learner._eval_cnn
-
-    def eval_cnn_capturing(self, loader):
-        y_pred, y_true = eval_cnn(self, loader)
-        captured.setdefault("evals", []).append((y_pred[:, 0].copy(), y_true.copy()))
-        return y_pred, y_true
-
-    RanPAC.Learner._eval_cnn = eval_cnn_capturing
+    RanPAC.Learner._eval_cnn = capturing_eval_cnn(RanPAC.Learner._eval_cnn, captured)
 
 
 def same_weights_check(setup_npz: Path, seed: int = 0) -> dict:
@@ -344,7 +338,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=acc, wall_s=round(wall, 2), matrix=matrix,
                     extra={"ridge": captured.get("ridge", []), "official_top1": top1, "hyperparameters": spec})
-    Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
     import numpy as np
 
     np.testing.assert_allclose(acc, top1, atol=0.01)  # their own top-1 curve (2 decimals)

@@ -61,7 +61,6 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +127,8 @@ def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
     import torch
     from torch import nn
     from torchvision import transforms
+
+    from benchmarks.parity.common import capturing_eval_cnn
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -226,14 +227,7 @@ def _install_shim(setup: dict, spec: dict, captured: dict) -> None:
     def get_model_capturing(name: str, args: dict):
         model = get_model(name, args)
         model.topk = 1
-        eval_cnn = model._eval_cnn
-
-        def eval_cnn_capturing(loader):
-            y_pred, y_true = eval_cnn(loader)
-            captured.setdefault("evals", []).append((y_pred[:, 0].copy(), y_true.copy()))
-            return y_pred, y_true
-
-        model._eval_cnn = eval_cnn_capturing
+        model._eval_cnn = capturing_eval_cnn(model._eval_cnn, captured)
         network_forward = model._network.forward
 
         def forward_counting(x):
@@ -267,6 +261,24 @@ def _group(name: str) -> str:
     return {"adapters": "adapters", "descriptors": "rds", "router": "routers"}[name.split(".", 1)[0]]
 
 
+def _ours_replay_config(setup_path: str, n_tasks: int, seed: int, work: str) -> tuple[Any, Path]:
+    """Our side of a replay: the sema row's config on the setup, in a fresh ``work`` directory (emptied first)."""
+    import shutil
+
+    from benchmarks.parity.common import VIT_CKPT
+    from cl.config import build_config
+
+    work_dir = Path(work).resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
+                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
+                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
+                              "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
+                                for o in ROWS["sema"]["ours"]]])
+    return cfg, work_dir
+
+
 def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[str, Any]:
     """THEIR whole run, then ours replaying it: same initial weights of every module when it is created, same batches.
 
@@ -287,13 +299,11 @@ def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[
     Returns the report (accuracies, adapters per block, expansions with batch and z, per-batch z differences,
     parameter and window differences per experience).
     """
-    import shutil
-
     import numpy as np
     import torch
     import torch.utils.data.sampler as tsampler
 
-    from benchmarks.parity.common import VIT_CKPT, counts_from_predictions, load_npz, official_source, seen_accuracy
+    from benchmarks.parity.common import counts_from_predictions, load_npz, official_source, seen_accuracy
 
     sys.path.insert(0, str(official_source("sema")))
     setup = load_npz(Path(setup_path))
@@ -399,7 +409,6 @@ def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[
 
     # ---- 2. ours, replaying THEIR draws
     import strategies.sema as ours_mod
-    from cl.config import build_config
     from cl.data import loaders
     from cl.runner import Runner
 
@@ -498,14 +507,7 @@ def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[
     loaders.RankBatchSampler.__iter__ = sampler_replay
     ours_mod.SEMA.on_experience_start, ours_mod.SEMA.on_experience_end = start_replay, end_replay
     ours_mod.AdapterMixture.add, ours_mod.SEMA._batch_z_sums = add_replay, z_replay
-    work_dir = Path(work).resolve()
-    shutil.rmtree(work_dir, ignore_errors=True)
-    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
-                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
-                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
-                              "trainer.enable_progress_bar=false", "trainer.logger=none",
-                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
-                                for o in ROWS["sema"]["ours"]]])
+    cfg, work_dir = _ours_replay_config(setup_path, n_tasks, seed, work)
     start = time.process_time()
     try:
         metrics = Runner(cfg).run()
@@ -553,13 +555,11 @@ def check_run_reverse(setup_path: str, seed: int, work: str = "sema_check_run_re
     drew (their extra last detection pass once every block grew) keeps their own shuffle (``their_own_shuffles``).
     Answers whether a run of ours that ends low (seed 0: 42.8 %) ends as low in their code from the same draws.
     """
-    import shutil
-
     import numpy as np
     import torch
     import torch.utils.data.sampler as tsampler
 
-    from benchmarks.parity.common import VIT_CKPT, counts_from_predictions, load_npz, official_source, seen_accuracy
+    from benchmarks.parity.common import counts_from_predictions, load_npz, official_source, seen_accuracy
 
     setup = load_npz(Path(setup_path))
     n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
@@ -567,7 +567,6 @@ def check_run_reverse(setup_path: str, seed: int, work: str = "sema_check_run_re
 
     # ---- 1. ours, observed
     import strategies.sema as ours_mod
-    from cl.config import build_config
     from cl.data import loaders
     from cl.runner import Runner
 
@@ -608,14 +607,7 @@ def check_run_reverse(setup_path: str, seed: int, work: str = "sema_check_run_re
     loaders.RankBatchSampler.__iter__ = sampler_recording
     ours_mod.SEMA.on_experience_start, ours_mod.AdapterMixture.add = start_recording, add_recording
     ours_mod.SEMA._batch_z_sums = z_counting
-    work_dir = Path(work).resolve()
-    shutil.rmtree(work_dir, ignore_errors=True)
-    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
-                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
-                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
-                              "trainer.enable_progress_bar=false", "trainer.logger=none",
-                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
-                                for o in ROWS["sema"]["ours"]]])
+    cfg, work_dir = _ours_replay_config(setup_path, n_tasks, seed, work)
     start = time.process_time()
     try:
         runner = Runner(cfg)
@@ -859,7 +851,7 @@ def main() -> None:
                     extra={"adapters": adapters, "rd_windows": windows, "detect": captured["detect"],
                            "max_logit_per_group": logits, "head_logits": heads,
                            "official_last_top1": float(cnn_accy["top1"]), "hyperparameters": spec})
-    Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
     np.testing.assert_allclose(acc[-1], float(cnn_accy["top1"]), atol=0.01)  # their own top-1 (2 decimals)
 
 

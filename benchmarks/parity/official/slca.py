@@ -56,11 +56,9 @@ runs ``incremental_train`` (stage 1 slow learner, class statistics, classifier a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 #: rows of the parity table: our ``cl train`` overrides and the official runner's arguments, the same values
@@ -86,6 +84,8 @@ def _install_shim(setup: dict, spec: dict, seed: int, captured: dict) -> None:
     import torch
     from torch import nn
     from torchvision import transforms
+
+    from benchmarks.parity.common import capturing_eval_cnn
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -156,14 +156,7 @@ def _install_shim(setup: dict, spec: dict, seed: int, captured: dict) -> None:
 
     def get_model_capturing(name: str, args: dict):
         model = get_model(name, args)
-        eval_cnn = model._eval_cnn
-
-        def eval_cnn_capturing(loader):
-            y_pred, y_true = eval_cnn(loader)
-            captured.setdefault("evals", []).append((y_pred[:, 0].copy(), y_true.copy()))
-            return y_pred, y_true
-
-        model._eval_cnn = eval_cnn_capturing
+        model._eval_cnn = capturing_eval_cnn(model._eval_cnn, captured)
         captured["model"] = model
         return model
 
@@ -210,7 +203,7 @@ def main() -> None:
                     extra={"official_final_top1": float(final), "official_avg_top1": float(avg),
                            "hyperparameters": spec, "torch_seed": args.seed if args.torch_seed is None
                            else args.torch_seed})
-    Path(args.out).write_text(json.dumps(asdict(res), indent=1) + "\n")
+    res.write(args.out)
     np.testing.assert_allclose(acc[-1], final, atol=0.01)  # their own top-1 (rounded to 2 decimals)
 
 
