@@ -34,7 +34,10 @@ runner swaps in, at run time (:func:`install_shims`):
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -238,6 +241,239 @@ def check_forward(source: str, rows: dict, row: str, setup_path: str) -> None:
     assert worst < 1e-4, worst
 
 
+#: THEIR trainable tensors -> ours (``VisionTransformer.prompt`` is their ``Prompt``; ours :class:`cl.peft.PromptPool`)
+REPLAY_NAMES: dict[str, str] = {"prompt.prompt": "pool.prompt", "prompt.prompt_key": "pool.key",
+                                "head.weight": "head.weight", "head.bias": "head.bias"}
+
+
+def _ours_replay_config(setup_path: str, n_tasks: int, seed: int, work: str,
+                        extra: tuple[str, ...] = ()) -> tuple[Any, Path]:
+    """Our side of a replay: the l2p row's config (then ``extra`` overrides) on the setup, in a fresh ``work``
+    directory (emptied first)."""
+    import shutil
+
+    from benchmarks.parity.common import VIT_CKPT
+    from cl.config import build_config
+
+    work_dir = Path(work).resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
+                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
+                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
+                              "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
+                                for o in ROWS["l2p"]["ours"]], *extra])
+    return cfg, work_dir
+
+
+def _step_divergence(theirs: list[dict[str, Any]], ours: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per optimiser step (both runs' steps in order): max |ours - theirs| over the trainable tensors after the step,
+    and the first step past each threshold (None: never)."""
+    n = min(len(theirs), len(ours))
+    diffs = [max(float((ours[i][k] - theirs[i][k]).abs().max()) for k in theirs[i]) for i in range(n)]
+    first = {f"{t:g}": next((i for i, d in enumerate(diffs) if d > t), None) for t in (1e-6, 1e-4, 1e-2)}
+    return {"steps_official": len(theirs), "steps_ours": len(ours), "first_step_over": first,
+            "max": max(diffs, default=0.0), "per_step": diffs}
+
+
+def check_run(setup_path: str, seed: int, work: str = "l2p_check_run", ours_overrides: tuple[str, ...] = ()
+              ) -> dict[str, Any]:
+    """THEIR whole run, then ours replaying it: the same initial pool, keys and head, the same batches.
+
+    1. THEIR ``main.main`` runs unmodified (:func:`install_shims`, seed ``seed``) while wrappers only observe: the
+       index order of every shuffled loader iteration (``BatchSampler`` over a ``RandomSampler``: one per task and
+       epoch, batch 16, the last partial batch kept), the initial prompts, keys and head of the prompted model (its
+       ``create_model`` call, before training), the trainable tensors after every optimiser step (``Adam.step``)
+       and after each task, and the accuracy matrix (argmax over all classes, theirs, and over the seen ones, ours).
+    2. Our :class:`~cl.runner.Runner` runs the ``l2p`` row with ``RankBatchSampler.__iter__`` yielding THEIR order of
+       the same (experience, epoch) (their dataset positions are the task's indices in the setup's natural order,
+       ``split_single_dataset``; mapped to ours through ``exp.train.indices``) and the pool, keys and head loaded
+       with THEIR initial values at experience 0. Everything else is our code. Our trainable tensors are compared
+       with THEIR snapshot after every step and at each experience end.
+
+    A shuffle ours asks for and their run never drew keeps our own order (flagged in ``replay_misses``).
+    ``ours_overrides`` are appended to our row's config (experiments, and the test that a changed setting is
+    caught: the replay must then diverge).
+    """
+    import numpy as np
+    import torch
+    import torch.utils.data.sampler as tsampler
+
+    from benchmarks.parity.common import counts_from_predictions, load_npz, official_source, seen_accuracy
+
+    sys.path.insert(0, str(official_source("l2p")))
+    setup = load_npz(Path(setup_path))
+    n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
+    spec = ROWS["l2p"]["official"]
+    captured: dict = {}
+    install_shims(setup, captured)
+    import engine
+    import main as their_main
+
+    # ---- 1. THEIR run, observed
+    where = {"task": 0, "epoch": 0}
+    perms: dict[tuple[int, int], np.ndarray] = {}
+    inits: dict[str, torch.Tensor] = {}
+    their_end: list[dict[str, torch.Tensor]] = []
+    steps: dict[str, list[dict[str, torch.Tensor]]] = {"official": [], "ours": []}
+    watch: dict[str, Any] = {"side": None, "tensors": None}  # whose tensors the Adam.step wrapper snapshots
+    batch_iter, adam_step = tsampler.BatchSampler.__iter__, torch.optim.Adam.step
+
+    def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+    def batch_iter_recording(self):
+        batches = list(batch_iter(self))  # the same draws at the same moment (first next of the loader)
+        if isinstance(self.sampler, tsampler.RandomSampler):
+            assert (where["task"], where["epoch"]) not in perms, where
+            perms[(where["task"], where["epoch"])] = np.concatenate(batches)
+        yield from batches
+
+    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
+        out = adam_step(self, *args, **kwargs)
+        if watch["tensors"] is not None:
+            steps[watch["side"]].append(snapshot(watch["tensors"]()))
+        return out
+
+    create_model, train_one_epoch = their_main.create_model, engine.train_one_epoch
+    evaluate_till_now = engine.evaluate_till_now
+    built: list = []
+
+    def their_tensors() -> dict[str, torch.Tensor]:
+        m = built[1]
+        return {"prompt.prompt": m.prompt.prompt, "prompt.prompt_key": m.prompt.prompt_key,
+                "head.weight": m.head.weight, "head.bias": m.head.bias}
+
+    def create_model_recording(name: str, **kwargs: Any) -> Any:
+        built.append(create_model(name, **kwargs))
+        if len(built) == 2:  # the prompted model: its pool, keys and head as drawn, before any training
+            inits.update(snapshot(their_tensors()))
+            watch.update(side="official", tensors=their_tensors)
+        return built[-1]
+
+    def train_one_epoch_recording(*args: Any, **kwargs: Any) -> Any:
+        where.update(task=int(kwargs["task_id"]), epoch=int(kwargs["epoch"]))
+        return train_one_epoch(*args, **kwargs)
+
+    def evaluate_till_now_recording(*args: Any, **kwargs: Any) -> Any:
+        their_end.append(snapshot(their_tensors()))  # the state the evaluation sees: the task's end
+        return evaluate_till_now(*args, **kwargs)
+
+    their_main.create_model = create_model_recording
+    engine.train_one_epoch, engine.evaluate_till_now = train_one_epoch_recording, evaluate_till_now_recording
+    tsampler.BatchSampler.__iter__, torch.optim.Adam.step = batch_iter_recording, adam_step_recording
+    oargs = _official_args("l2p", spec, setup, seed)
+    start = time.process_time()
+    try:
+        their_main.main(oargs)
+    finally:
+        tsampler.BatchSampler.__iter__ = batch_iter
+        their_main.create_model = create_model
+        engine.train_one_epoch, engine.evaluate_till_now = train_one_epoch, evaluate_till_now
+        watch.update(side=None, tensors=None)
+    their_cpu = time.process_time() - start
+    their_trainable = sorted(n for n, p in built[1].named_parameters() if p.requires_grad)
+    evals = [(np.concatenate(e["pred"]), np.concatenate(e["true"])) for e in captured["evals"]]
+    evals_seen = [(np.concatenate(e["pred_seen"]), np.concatenate(e["true"])) for e in captured["evals"]]
+    their_acc, their_matrix = counts_from_predictions(evals, n_tasks, cpt)
+    their_acc_seen, their_matrix_seen = counts_from_predictions(evals_seen, n_tasks, cpt)
+
+    # ---- 2. ours, replaying THEIR draws
+    import strategies.l2p as ours_mod
+    from cl.data import loaders
+    from cl.runner import Runner
+
+    train_y = np.asarray(setup["train_y"])
+    their_pos = {t: np.flatnonzero((train_y >= t * cpt) & (train_y < (t + 1) * cpt)) for t in range(n_tasks)}
+    state: dict[str, Any] = {"exp": 0, "epoch": 0, "pos_of": None, "model": None}
+    misses: list[str] = []
+    report_exps: list[dict[str, Any]] = []
+    sampler_iter = loaders.RankBatchSampler.__iter__
+
+    def our_tensors() -> dict[str, torch.Tensor]:
+        m = state["model"]
+        return {theirs: m.get_parameter(ours) for theirs, ours in REPLAY_NAMES.items()}
+
+    def sampler_replay(self):
+        if not self.shuffle:  # evaluation loaders: natural order, as their SequentialSampler
+            yield from sampler_iter(self)
+            return
+        key = (state["exp"], state["epoch"])
+        state["epoch"] += 1
+        perm = perms.pop(key, None)
+        if perm is None or len(perm) != self.n:
+            misses.append(f"exp {key[0]} epoch {key[1]}: a shuffle their run never drew (own order)")
+            yield from sampler_iter(self)
+            return
+        order = state["pos_of"][their_pos[key[0]][perm]]
+        assert (order >= 0).all() and len(self) == -(-self.n // self.batch), (self.n, self.batch, len(self))
+        for b in range(len(self)):
+            yield order[b * self.batch:(b + 1) * self.batch].tolist()
+
+    start_fn, end_fn = ours_mod.L2P.on_experience_start, ours_mod.L2P.on_experience_end
+
+    def start_replay(self, exp, ctx):
+        pos_of = np.full(len(train_y), -1)
+        pos_of[np.asarray(exp.train.indices)] = np.arange(len(exp.train.indices))
+        state.update(exp=exp.index, epoch=0, pos_of=pos_of, model=self)
+        start_fn(self, exp, ctx)
+        if exp.index == 0:
+            with torch.no_grad():
+                for theirs, p in our_tensors().items():
+                    p.copy_(inits[theirs])
+            watch.update(side="ours", tensors=our_tensors)
+            extra = sorted(n for n, p in self.named_parameters() if p.requires_grad
+                           and n not in REPLAY_NAMES.values())
+            if extra:
+                misses.append(f"our trainable {extra} have no counterpart in theirs")
+
+    def end_replay(self, exp, ctx):
+        end_fn(self, exp, ctx)
+        t = exp.index
+        ref = their_end[t] if t < len(their_end) else {}
+        diff = {k: float((p.detach().cpu() - ref[k]).abs().max()) if k in ref else float("inf")
+                for k, p in our_tensors().items()}
+        report_exps.append({"experience": t, "param_max_abs_diff": diff, "steps_ours": len(steps["ours"])})
+
+    loaders.RankBatchSampler.__iter__ = sampler_replay
+    ours_mod.L2P.on_experience_start, ours_mod.L2P.on_experience_end = start_replay, end_replay
+    torch.optim.Adam.step = adam_step_recording
+    cfg, work_dir = _ours_replay_config(setup_path, n_tasks, seed, work, tuple(ours_overrides))
+    start = time.process_time()
+    try:
+        metrics = Runner(cfg).run()
+    finally:
+        loaders.RankBatchSampler.__iter__ = sampler_iter
+        ours_mod.L2P.on_experience_start, ours_mod.L2P.on_experience_end = start_fn, end_fn
+        torch.optim.Adam.step = adam_step
+        watch.update(side=None, tensors=None)
+    our_cpu = time.process_time() - start
+    our_acc = seen_accuracy(metrics["correct"], metrics["total"])
+    our_matrix = [[None if v is None else 100.0 * v for v in r] for r in metrics["accuracy_matrix"]]
+    per_step = _step_divergence(steps["official"], steps["ours"])
+    bounds = np.cumsum([0] + [len(their_pos[t]) // HPARAMS["batch_size"] + bool(len(their_pos[t])
+                                                                              % HPARAMS["batch_size"])
+                              for t in range(n_tasks)]) * HPARAMS["epochs"]
+    for e in report_exps:
+        t = e["experience"]
+        seg = per_step["per_step"][bounds[t]:bounds[t + 1]]
+        e["step_max_abs_diff"] = max(seg, default=None)
+        e["acc_official"], e["acc_official_seen"] = round(their_acc[t], 3), round(their_acc_seen[t], 3)
+        e["acc_ours"] = round(our_acc[t], 3)
+    same_matrix = all(a == b or (a is not None and b is not None and abs(a - b) < 1e-9)
+                      for ra, rb in zip(their_matrix_seen, our_matrix) for a, b in zip(ra, rb))
+    return {"seed": seed, "setup_class_order": [int(c) for c in setup.get("class_order", [])],
+            "ours_overrides": list(ours_overrides), "replay_misses": misses,
+            "unused_shuffles": [list(k) for k in sorted(perms)],
+            "trainable_official": their_trainable, "same_matrix_seen": bool(same_matrix),
+            "step_divergence": {k: v for k, v in per_step.items() if k != "per_step"},
+            "step_max_abs_diff": [float(f"{d:.3g}") for d in per_step["per_step"]],
+            "acc_official": [round(a, 3) for a in their_acc],
+            "acc_official_seen": [round(a, 3) for a in their_acc_seen], "acc_ours": [round(a, 3) for a in our_acc],
+            "matrix_official": their_matrix, "matrix_official_seen": their_matrix_seen, "matrix_ours": our_matrix,
+            "cpu_s": {"official": round(their_cpu, 1), "ours": round(our_cpu, 1)}, "experiences": report_exps}
+
+
 def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=f"official {source} on the parity setup")
     ap.add_argument("--row", required=True, choices=list(rows))
@@ -246,7 +482,28 @@ def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--check-forward", action="store_true",
                     help="compare one forward of both models with the same values instead of a run")
+    ap.add_argument("--check-run", action="store_true",
+                    help="replay: THEIR run, then ours with their initial pool/keys/head and batch order (l2p only)")
+    ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="--check-run only: extra overrides of our side (experiments)")
     args = ap.parse_args(argv)
+    if args.check_run:
+        if source != "l2p":
+            ap.error("--check-run is implemented for the l2p row only")
+        work = tempfile.mkdtemp(prefix="l2p_check_run_")
+        try:
+            report = check_run(args.setup, args.seed, work=work, ours_overrides=tuple(args.ours))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        for e in report["experiences"]:
+            print(f"exp {e['experience']}: acc official {e['acc_official']:.2f} (seen {e['acc_official_seen']:.2f})"
+                  f" | ours {e['acc_ours']:.2f}  step diff {e['step_max_abs_diff']:.2e}  end params "
+                  + " ".join(f"{k} {v:.2e}" for k, v in e["param_max_abs_diff"].items()))
+        print("step divergence:", report["step_divergence"], "| same matrix (seen):", report["same_matrix_seen"],
+              "| misses:", report["replay_misses"], "| unused shuffles:", report["unused_shuffles"])
+        return
     if args.check_forward:
         check_forward(source, rows, args.row, args.setup)
         return
