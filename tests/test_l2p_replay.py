@@ -105,11 +105,11 @@ def test_replay_of_a_tiny_run_agrees_and_catches_a_changed_loss(tmp_path: Path):
     assert report["trainable_official"] == sorted(REPLAY_NAMES)
     div = report["step_divergence"]
     assert div["steps_official"] == div["steps_ours"] == 2 * steps_per_task
-    assert div["max"] < 1e-5 and div["first_step_over"]["1e-06"] is None
+    assert div["max"] < 1e-5 and div["first_step_over"]["0.0001"] is None  # float noise only (~1e-6)
     assert report["same_matrix_seen"] and report["acc_ours"] == report["acc_official_seen"]
     # our loss without the training mask: the same as theirs on experience 0 (only its 2 classes are seen), not
     # from the first step of experience 1 on (the old classes' logits compete): the replay must say exactly that
     changed = _check_run(tmp_path, "strategy.train_mask=false")
-    first = changed["step_divergence"]["first_step_over"]["1e-06"]
+    first = changed["step_divergence"]["first_step_over"]["0.0001"]  # Adam moves the old rows by ~lr = 1.9e-3
     assert first == steps_per_task, changed["step_divergence"]
     assert changed["experiences"][0]["step_max_abs_diff"] < 1e-5
