@@ -24,8 +24,12 @@ code (GT-RIPL/CODA-Prompt@6417d4f: ``models/zoo.py`` ``CodaPrompt``/``ViTZoo``, 
 * **Classifier**: one ``nn.Linear(D, n_classes)`` for the whole stream (PyTorch's default init), logits sliced to the
   seen classes; earlier classes' rows get no gradient through the masked logits.
 * **Optimiser**: a fresh Adam per experience (lr 0.001, betas (0.9, 0.999), weight decay 0) over the prompt
-  parameters and the classifier; the official ``CosineSchedule`` per epoch, ``lr_e = lr * cos(99 pi e / (200 (E-1)))``
-  (ends at ~0.8 % of lr, never 0). Batch 128, 20 epochs CIFAR-100 (10 tasks), 50 ImageNet-R (10 tasks).
+  parameters and the classifier; the official ``CosineSchedule`` per epoch as it runs: their own ``_LRScheduler``
+  (``utils/schedulers.py``) resets ``last_epoch`` to -1 after its initial step, so the first ``scheduler.step()``
+  gives the base rate again and epoch ``e`` runs at ``lr * cos(99 pi max(e - 1, 0) / (200 (E-1)))``: factors 1, 1,
+  0.93, 0.71, 0.39 over 5 epochs (the formula read literally would end at 0.016; measured in the parity replay,
+  ``benchmarks/parity/official/coda_prompt.py --check-run``). Batch 128, 20 epochs CIFAR-100 (10 tasks), 50
+  ImageNet-R (10 tasks).
 * **Inputs**: raw [0, 1] (``dataloaders/utils.py`` normalises with mean 0 and std 1), ``input_convention = "unit"``.
 
 DDP: the components are ordinary parameters (DDP's gradient all-reduce keeps them identical); the Gram-Schmidt
@@ -290,10 +294,12 @@ class CodaPrompt(CLStrategy):
         return loss
 
     def lr_factor(self, epoch: int, epochs: int) -> float:
-        """The official ``CosineSchedule``: cos(99 pi e / (200 (E - 1))) at epoch e (1.0 throughout when E = 1)."""
+        """The official ``CosineSchedule`` as it runs: cos(99 pi (e - 1) / (200 (E - 1))) at epoch e >= 1, 1.0 at
+        epoch 0 (their ``_LRScheduler`` starts one step behind, see the module docstring; 1.0 throughout when
+        E = 1)."""
         if self.cfg.schedule == "constant" or epochs <= 1:
             return 1.0
-        return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+        return math.cos(99 * math.pi * max(epoch - 1, 0) / (200 * (epochs - 1)))
 
     def configure_optimizers(self) -> Any:
         # a fresh Adam per experience (learn_batch re-inits it) over the prompts and the classifier

@@ -37,7 +37,8 @@ Shims:
   ``dataset: CIFAR10``, ``first_split_size``/``other_split_size``, ``overwrite 1``, ``log_dir`` in the temp dir.
 * Recording only: ``learners.default.accumulate_acc`` is wrapped to also count argmax hits of each evaluation batch
   and ``Trainer.task_eval`` to file those counts under (trained task, evaluated task); their own returned accuracy
-  must equal the counts.
+  must equal the counts. As an extra, the same wrapper counts the task-aware hits (argmax over the evaluated
+  experience's own classes), written as ``extra.til_matrix`` like our side's.
 """
 
 from __future__ import annotations
@@ -136,21 +137,26 @@ def install_shims(setup: dict[str, Any], record: dict[str, Any]) -> None:
     dataloaders.iCIFAR10 = SetupDataset
     dataloaders.utils.get_transform = lambda *args, **kwargs: T.Compose([T.ToTensor()])
 
-    counter = {"correct": 0, "total": 0}
+    counter = {"correct": 0, "total": 0, "til": 0}
     orig_acc = default_mod.accumulate_acc
+    cpt = int(setup["classes_per_task"])
 
     def accumulate_acc(output: Any, target: Any, task: Any, meter: Any, topk: Any) -> Any:
         counter["correct"] += int((output.argmax(1) == target).sum())
         counter["total"] += int(target.numel())
+        # task-aware view (an extra, as ours reports it): the argmax over the target's own experience's classes
+        first = (target // cpt) * cpt
+        cols = first[:, None] + torch.arange(cpt)[None, :]
+        counter["til"] += int((output.gather(1, cols).argmax(1) + first == target).sum())
         return orig_acc(output, target, task, meter, topk)
 
     default_mod.accumulate_acc = accumulate_acc
     orig_eval = trainer_mod.Trainer.task_eval
 
     def task_eval(self: Any, t_index: int, local: bool = False, task: str = "acc") -> Any:
-        counter["correct"] = counter["total"] = 0
+        counter["correct"] = counter["total"] = counter["til"] = 0
         acc = orig_eval(self, t_index, local=local, task=task)
-        record[(self.current_t_index, t_index)] = (counter["correct"], counter["total"], float(acc))
+        record[(self.current_t_index, t_index)] = (counter["correct"], counter["total"], float(acc), counter["til"])
         return acc
 
     trainer_mod.Trainer.task_eval = task_eval
@@ -173,14 +179,228 @@ def official_args(src: Path, spec: dict[str, Any], n_tasks: int, cpt: int, log_d
     return args, argv
 
 
+# ------------------------------------------------------------------------------------------------ replay
+def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
+    """THEIR whole run, then ours replaying it: the same initial components and classifier, the same batches.
+
+    1. THEIR ``Trainer.train`` runs as :func:`main` runs it (seed ``seed``) while wrappers only observe: the index
+       order of every ``RandomSampler`` iteration (one per task and epoch; batch 32, ``drop_last``), the new
+       components of every prompted block when they are drawn (``CodaPrompt.__init__`` for task 0,
+       ``process_task_count`` later: rows ``[s, f)`` of ``e_k_l``, ``e_a_l``, ``e_p_l``), the classifier before task
+       0 trains, and after each task's ``learn_batch`` every component so far and the classifier.
+    2. Our :class:`~cl.runner.Runner` runs the row with ``RankBatchSampler.__iter__`` yielding THEIR order (their
+       task data are the setup's training images of the task's classes in natural order, ``np.isin(...)``; mapped
+       to ours through ``exp.train.indices``), and at each experience start the chunk :meth:`CodaPool.grow` just
+       drew overwritten with THEIR rows of that task (and the classifier with theirs at experience 0). Everything
+       else is our code. At each experience end our components and classifier are compared with THEIR snapshot.
+    """
+    import numpy as np
+    import torch
+    import torch.utils.data.sampler as tsampler
+
+    from benchmarks.parity.common import load_npz, official_source, seen_accuracy
+
+    src = official_source("coda_prompt")
+    sys.path.insert(0, str(src))
+    setup = load_npz(Path(setup_path))
+    n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
+    record: dict[tuple[int, int], tuple[int, int, float, int]] = {}
+    install_shims(setup, record)
+    from models import zoo
+    from trainer import Trainer
+
+    # ---- 1. THEIR run, observed
+    perms: list[np.ndarray] = []
+    rand_iter = tsampler.RandomSampler.__iter__
+
+    def rand_iter_recording(self):
+        order = list(rand_iter(self))  # the same draws at the same moment
+        perms.append(np.asarray(order))
+        yield from order
+
+    blocks = HPARAMS["blocks"]
+    pt = HPARAMS["pool_size"] // n_tasks
+    new_rows: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # task -> block -> {k, a, p} rows [s, f)
+
+    def rows_of(prompt: Any, t: int) -> dict[int, dict[str, torch.Tensor]]:
+        s, f = t * pt, (t + 1) * pt
+        return {b: {n: getattr(prompt, f"e_{n}_{b}")[s:f].detach().clone() for n in "kap"} for b in blocks}
+
+    ptc = zoo.CodaPrompt.process_task_count
+
+    def ptc_recording(self):
+        ptc(self)
+        new_rows[self.task_count] = rows_of(self, self.task_count)
+
+    zoo.CodaPrompt.process_task_count = ptc_recording
+    tsampler.RandomSampler.__iter__ = rand_iter_recording
+    adam_step = torch.optim.Adam.step
+    steps: dict[str, list[torch.Tensor]] = {"official": [], "ours": []}
+    lrs: dict[str, list[float]] = {"official": [], "ours": []}
+    watch: dict[str, Any] = {"side": "official", "weight": None}
+
+    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
+        out = adam_step(self, *args, **kwargs)
+        if watch["weight"] is not None:
+            steps[watch["side"]].append(watch["weight"]().detach().cpu().clone())
+            lrs[watch["side"]].append(float(self.param_groups[0]["lr"]))
+        return out
+
+    torch.optim.Adam.step = adam_step_recording
+    log_dir = Path(work) / "coda_official"
+    cargs, _ = official_args(src, ROWS["coda_prompt"]["official"], n_tasks, cpt, log_dir)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    ends: list[dict[str, torch.Tensor]] = []
+    try:
+        trainer = Trainer(cargs, seed, ["acc", "time"], ["global", "pt", "pt-local"])
+        model = trainer.learner.model
+        watch["weight"] = lambda: torch.cat([trainer.learner.model.last.weight.reshape(-1),
+                                             trainer.learner.model.prompt.e_k_0.reshape(-1)])
+        new_rows[0] = rows_of(model.prompt, 0)
+        cls_init = {k: v.detach().clone() for k, v in model.last.state_dict().items()}
+        for t in range(n_tasks):  # their task data are the setup's images of the task's classes, natural order
+            pos = np.flatnonzero(np.isin(setup["train_y"], np.arange(t * cpt, (t + 1) * cpt)))
+            assert np.array_equal(trainer.train_dataset.archive[t][0], setup["train_x"][pos]), t
+        learn = type(trainer.learner).learn_batch
+
+        def learn_recording(self, *args: Any, **kwargs: Any) -> Any:
+            out = learn(self, *args, **kwargs)
+            t = self.model.prompt.task_count
+            f = (t + 1) * pt
+            snap = {f"{n}{b}": getattr(self.model.prompt, f"e_{n}_{b}")[:f].detach().clone()
+                    for b in blocks for n in "kap"}
+            snap.update({f"last.{k}": v.detach().clone() for k, v in self.model.last.state_dict().items()})
+            ends.append(snap)
+            return out
+
+        type(trainer.learner).learn_batch = learn_recording
+        metrics = {k: {"global": np.zeros((n_tasks, 1)), "pt": np.zeros((n_tasks, n_tasks, 1)),
+                       "pt-local": np.zeros((n_tasks, n_tasks, 1))} for k in ("acc", "time")}
+        trainer.train(metrics)
+        type(trainer.learner).learn_batch = learn
+    finally:
+        tsampler.RandomSampler.__iter__ = rand_iter
+        zoo.CodaPrompt.process_task_count = ptc
+        watch.update(side="ours", weight=None)
+    correct = [[record[(t, j)][0] if j <= t else 0 for j in range(n_tasks)] for t in range(n_tasks)]
+    total = [[record[(t, j)][1] if j <= t else 0 for j in range(n_tasks)] for t in range(n_tasks)]
+    their_acc = seen_accuracy(correct, total)
+
+    # ---- 2. ours, replaying THEIR draws
+    import strategies.coda_prompt as ours_mod
+    from benchmarks.parity.common import VIT_CKPT
+    from cl.config import build_config
+    from cl.data import loaders
+    from cl.runner import Runner
+
+    train_y = np.asarray(setup["train_y"])
+    their_pos = {t: np.flatnonzero(np.isin(train_y, np.arange(t * cpt, (t + 1) * cpt))) for t in range(n_tasks)}
+    state: dict[str, Any] = {"exp": 0, "pos_of": None}
+    misses: list[str] = []
+    exps: list[dict[str, Any]] = []
+    sampler_iter = loaders.RankBatchSampler.__iter__
+    queue = list(perms)
+
+    def sampler_replay(self):
+        if not self.shuffle:
+            yield from sampler_iter(self)
+            return
+        perm = queue.pop(0) if queue else None
+        if perm is None or len(perm) != self.n:
+            misses.append(f"exp {state['exp']}: a shuffle their run never drew (own order)")
+            yield from sampler_iter(self)
+            return
+        order = state["pos_of"][their_pos[state["exp"]][perm]]
+        for b in range(len(self)):
+            yield order[b * self.batch:(b + 1) * self.batch].tolist()
+
+    start_fn, end_fn = ours_mod.CodaPrompt.on_experience_start, ours_mod.CodaPrompt.on_experience_end
+
+    def start_replay(self, exp, ctx):
+        pos_of = np.full(len(train_y), -1)
+        pos_of[np.asarray(exp.train.indices)] = np.arange(len(exp.train.indices))
+        state.update(exp=exp.index, pos_of=pos_of)
+        start_fn(self, exp, ctx)
+        with torch.no_grad():
+            for b, pool in zip(self.blocks, self.pools):
+                rows = new_rows[exp.index][b]
+                pool.keys[-1].copy_(rows["k"])
+                pool.attn[-1].copy_(rows["a"])
+                pool.prompts[-1].copy_(rows["p"])
+            if exp.index == 0:
+                for k, v in cls_init.items():
+                    getattr(self.classifier, k).copy_(v)
+        n_pad = HPARAMS["pool_size"] - sum(self.pools[0].sizes)
+        watch["weight"] = lambda: torch.cat([self.classifier.weight.reshape(-1), self.pools[0].all_components()[0]
+                                             .reshape(-1), self.classifier.weight.new_zeros(n_pad * self.pools[0]
+                                                                                           .key_dim)])
+
+    def end_replay(self, exp, ctx):
+        end_fn(self, exp, ctx)
+        ref = ends[exp.index]
+        diff: dict[str, float] = {}
+        for b, pool in zip(self.blocks, self.pools):
+            k, a, p = pool.all_components()
+            for n, v in zip("kap", (k, a, p)):
+                diff[f"{n}{b}"] = float((v.detach().cpu() - ref[f"{n}{b}"]).abs().max())
+        for k, v in self.classifier.state_dict().items():
+            diff[f"last.{k}"] = float((v.cpu() - ref[f"last.{k}"]).abs().max())
+        exps.append({"experience": exp.index, "max_abs_diff": max(diff.values()), "per_tensor": diff})
+
+    import shutil
+
+    work_dir = Path(work).resolve() / "ours"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
+                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
+                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
+                              "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
+                                for o in ROWS["coda_prompt"]["ours"]]])
+    loaders.RankBatchSampler.__iter__ = sampler_replay
+    ours_mod.CodaPrompt.on_experience_start, ours_mod.CodaPrompt.on_experience_end = start_replay, end_replay
+    try:
+        m = Runner(cfg).run()
+    finally:
+        loaders.RankBatchSampler.__iter__ = sampler_iter
+        ours_mod.CodaPrompt.on_experience_start, ours_mod.CodaPrompt.on_experience_end = start_fn, end_fn
+        torch.optim.Adam.step = adam_step
+    step_diff = [float((a - b).abs().max()) for a, b in zip(steps["official"], steps["ours"])]
+    our_acc = seen_accuracy(m["correct"], m["total"])
+    return {"seed": seed, "acc_official": [round(a, 3) for a in their_acc], "acc_ours": [round(a, 3) for a in our_acc],
+            "matrix_official": [[None if j > t else round(100.0 * correct[t][j] / total[t][j], 3)
+                                 for j in range(n_tasks)] for t in range(n_tasks)],
+            "matrix_ours": [[None if v is None else round(100.0 * v, 3) for v in r] for r in m["accuracy_matrix"]],
+            "replay_misses": misses, "unused_shuffles": len(queue), "experiences": exps,
+            "steps": {"official": len(steps["official"]), "ours": len(steps["ours"])},
+            "step_max_abs_diff": [float(f"{d:.3g}") for d in step_diff], "lr": lrs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--row", required=True, choices=sorted(ROWS))
     ap.add_argument("--setup", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--check-run", action="store_true",
+                    help="replay: THEIR run, then ours with their initial components/classifier and batch order")
     args = ap.parse_args()
     start = time.perf_counter()
+    if args.check_run:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            report = check_run(str(args.setup), args.seed, work)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        for e in report["experiences"]:
+            t = e["experience"]
+            print(f"exp {t}: acc official {report['acc_official'][t]:.2f} | ours {report['acc_ours'][t]:.2f} | "
+                  f"max |ours - theirs| {e['max_abs_diff']:.2e}")
+        print("misses:", report["replay_misses"], "| unused shuffles:", report["unused_shuffles"])
+        return
 
     from benchmarks.parity.common import OFFICIAL, RunResult, load_npz, official_source, seen_accuracy
 
@@ -190,7 +410,7 @@ def main() -> None:
     n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
     if n_tasks * cpt != 10:
         raise RuntimeError("the runner stands in for their CIFAR10 dataset (10 classes)")
-    record: dict[tuple[int, int], tuple[int, int, float]] = {}
+    record: dict[tuple[int, int], tuple[int, int, float, int]] = {}
     install_shims(setup, record)
 
     import numpy as np
@@ -212,15 +432,17 @@ def main() -> None:
 
     correct = [[record[(t, j)][0] if j <= t else 0 for j in range(n_tasks)] for t in range(n_tasks)]
     total = [[record[(t, j)][1] if j <= t else 0 for j in range(n_tasks)] for t in range(n_tasks)]
-    for (t, j), (c, n, acc) in record.items():  # their accuracy (%) must be what was counted
+    for (t, j), (c, n, acc, _) in record.items():  # their accuracy (%) must be what was counted
         if abs(acc - 100.0 * c / n) > 1e-6:
             raise RuntimeError(f"task {t}, eval {j}: their accuracy {acc} != counted {c}/{n}")
     matrix = [[100.0 * correct[t][j] / total[t][j] if j <= t else None for j in range(n_tasks)]
               for t in range(n_tasks)]
+    til = [[100.0 * record[(t, j)][3] / total[t][j] if j <= t else None for j in range(n_tasks)]
+           for t in range(n_tasks)]
     repo, commit = OFFICIAL["coda_prompt"]
     res = RunResult(row=args.row, side="official", seed=args.seed, acc=seen_accuracy(correct, total),
                     wall_s=round(time.perf_counter() - start, 2), matrix=matrix,
-                    extra={"official": f"{repo}@{commit[:7]}", "argv": argv, "hparams": HPARAMS,
+                    extra={"official": f"{repo}@{commit[:7]}", "til_matrix": til, "argv": argv, "hparams": HPARAMS,
                            "config_overrides": {"dataset": "CIFAR10", "schedule": cargs.schedule,
                                                 "batch_size": cargs.batch_size, "lr": cargs.lr,
                                                 "rand_split": False, "split_size": cpt}},
