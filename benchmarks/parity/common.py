@@ -252,6 +252,23 @@ def capturing_eval_cnn(eval_cnn: Callable[..., tuple[Any, Any]], captured: dict)
     return wrapped
 
 
+def replay_config(overrides: list[str], setup_path: str | os.PathLike, n_tasks: int, seed: int,
+                  work: str | os.PathLike, extra: tuple[str, ...] = ()) -> tuple[Any, Path]:
+    """Our side of an in-process replay (the official runners' ``--check-run``): a row's ``overrides`` (then
+    ``extra``) on the setup file, as :func:`run_ours` runs them, in a fresh ``work`` directory (emptied first)."""
+    from cl.config import build_config
+
+    work_dir = Path(work).resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
+                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
+                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
+                              "trainer.enable_progress_bar=false", "trainer.logger=none",
+                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
+                                for o in overrides], *extra])
+    return cfg, work_dir
+
+
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                PYTHONWARNINGS="ignore")

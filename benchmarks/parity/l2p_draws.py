@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
-from dataclasses import asdict
 
 import numpy as np
 
-from benchmarks.parity.common import RESULTS, RunResult, make_setup, run_ours, write_npz
+from benchmarks.parity.common import RunResult
 from benchmarks.parity.official.l2p import ROWS
-from benchmarks.parity.sema_draws import summary
+from benchmarks.parity.sema_draws import print_summary, run_draws
 
 
 def compare(official: list[float], ours: list[float], n_perm: int = 100_000, seed: int = 0) -> dict[str, float]:
@@ -55,8 +53,6 @@ def seen_classes_acc(res: RunResult) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.parity.run import run_official
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--order", type=int, default=0, help="class order (the setup of this parity seed)")
     ap.add_argument("--seeds", nargs="+", type=int, default=list(range(8)), help="torch seeds, both sides")
@@ -65,28 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter of the official side (L2P needs no "
                     "package beyond this project's)")
     args = ap.parse_args(argv)
-    setup_npz = write_npz(make_setup(args.order))
-    root = RESULTS / "l2p" / f"draws_order{args.order}"
-    spec = ROWS["l2p"]
-    for seed in args.seeds:
-        for side in args.sides:
-            path = root / f"{side}_seed{seed}.json"
-            if path.exists():
-                continue
-            if side == "official":
-                res = run_official("l2p", "l2p", spec, setup_npz, seed, args.threads, args.python)
-            else:
-                res = run_ours("l2p", setup_npz, seed, spec["ours"], threads=args.threads)
-            res.extra["class_order_seed"] = args.order
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(res), indent=1) + "\n")
-            print(f"order {args.order} torch seed {seed} {side:>8}: acc {' '.join(f'{a:5.1f}' for a in res.acc)}"
-                  f" | last {res.last:5.1f} avg-inc {res.avg_inc:5.1f}", flush=True)
+    root = run_draws("l2p", ROWS["l2p"], args.order, args.seeds, args.sides, args.threads, args.python)
     results = {side: [RunResult.load(root / f"{side}_seed{s}.json") for s in args.seeds
                       if (root / f"{side}_seed{s}.json").exists()] for side in args.sides}
-    for side, s in summary(results).items():
-        print(f"{side:>8} over {s['n']} draws: last {s['last_mean']:.1f} ± {s['last_std']:.1f} "
-              f"[{s['last_min']:.1f}, {s['last_max']:.1f}], avg-inc {s['avg_inc_mean']:.1f} ± {s['avg_inc_std']:.1f}")
+    print_summary(results)
     if set(results) == {"official", "ours"}:
         seeds = [s for s in args.seeds if all((root / f"{side}_seed{s}.json").exists() for side in results)]
         accs = {side: [seen_classes_acc(RunResult.load(root / f"{side}_seed{s}.json")) for s in seeds]

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -36,9 +37,38 @@ def summary(results: dict[str, list[RunResult]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_draws(row: str, spec: dict, order: int, seeds: list[int], sides: list[str], threads: int,
+              python: str) -> Path:
+    """Run the missing (side, torch seed) runs of ``row`` on class order ``order`` into
+    ``results/<row>/draws_order<order>/`` (kept runs are reused) and print a line per run; returns the folder."""
     from benchmarks.parity.run import run_official
 
+    setup_npz = write_npz(make_setup(order))
+    root = RESULTS / row / f"draws_order{order}"
+    for seed in seeds:
+        for side in sides:
+            path = root / f"{side}_seed{seed}.json"
+            if path.exists():
+                continue
+            if side == "official":
+                res = run_official(row, row, spec, setup_npz, seed, threads, python)
+            else:
+                res = run_ours(row, setup_npz, seed, spec["ours"], threads=threads)
+            res.extra["class_order_seed"] = order
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(asdict(res), indent=1) + "\n")
+            print(f"order {order} torch seed {seed} {side:>8}: acc {' '.join(f'{a:5.1f}' for a in res.acc)}"
+                  f" | last {res.last:5.1f} avg-inc {res.avg_inc:5.1f}", flush=True)
+    return root
+
+
+def print_summary(results: dict[str, list[RunResult]]) -> None:
+    for side, s in summary(results).items():
+        print(f"{side:>8} over {s['n']} draws: last {s['last_mean']:.1f} ± {s['last_std']:.1f} "
+              f"[{s['last_min']:.1f}, {s['last_max']:.1f}], avg-inc {s['avg_inc_mean']:.1f} ± {s['avg_inc_std']:.1f}")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--order", type=int, default=0, help="class order (the setup of this parity seed)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5], help="torch seeds, both sides")
@@ -47,27 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--python", default=sys.executable, help="interpreter of the official side (SEMA needs no "
                     "package beyond this project's)")
     args = ap.parse_args(argv)
-    setup_npz = write_npz(make_setup(args.order))
-    root = RESULTS / "sema" / f"draws_order{args.order}"
-    spec = ROWS["sema"]
-    for seed in args.seeds:
-        for side in args.sides:
-            path = root / f"{side}_seed{seed}.json"
-            if path.exists():
-                continue
-            if side == "official":
-                res = run_official("sema", "sema", spec, setup_npz, seed, args.threads, args.python)
-            else:
-                res = run_ours("sema", setup_npz, seed, spec["ours"], threads=args.threads)
-            res.extra["class_order_seed"] = args.order
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(asdict(res), indent=1) + "\n")
-            print(f"order {args.order} torch seed {seed} {side:>8}: acc {' '.join(f'{a:5.1f}' for a in res.acc)}"
-                  f" | last {res.last:5.1f} avg-inc {res.avg_inc:5.1f}", flush=True)
-    results = {side: [RunResult.load(p) for p in sorted(root.glob(f"{side}_seed*.json"))] for side in args.sides}
-    for side, s in summary(results).items():
-        print(f"{side:>8} over {s['n']} draws: last {s['last_mean']:.1f} ± {s['last_std']:.1f} "
-              f"[{s['last_min']:.1f}, {s['last_max']:.1f}], avg-inc {s['avg_inc_mean']:.1f} ± {s['avg_inc_std']:.1f}")
+    root = run_draws("sema", ROWS["sema"], args.order, args.seeds, args.sides, args.threads, args.python)
+    print_summary({side: [RunResult.load(p) for p in sorted(root.glob(f"{side}_seed*.json"))]
+                   for side in args.sides})
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
     import torch
     import torch.utils.data.sampler as tsampler
 
-    from benchmarks.parity.common import load_npz, official_source, seen_accuracy
+    from benchmarks.parity.common import load_npz, official_source, replay_config, seen_accuracy
 
     src = official_source("coda_prompt")
     sys.path.insert(0, str(src))
@@ -290,8 +290,6 @@ def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
 
     # ---- 2. ours, replaying THEIR draws
     import strategies.coda_prompt as ours_mod
-    from benchmarks.parity.common import VIT_CKPT
-    from cl.config import build_config
     from cl.data import loaders
     from cl.runner import Runner
 
@@ -349,16 +347,7 @@ def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
             diff[f"last.{k}"] = float((v.cpu() - ref[f"last.{k}"]).abs().max())
         exps.append({"experience": exp.index, "max_abs_diff": max(diff.values()), "per_tensor": diff})
 
-    import shutil
-
-    work_dir = Path(work).resolve() / "ours"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
-                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
-                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
-                              "trainer.enable_progress_bar=false", "trainer.logger=none",
-                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
-                                for o in ROWS["coda_prompt"]["ours"]]])
+    cfg, _ = replay_config(ROWS["coda_prompt"]["ours"], setup_path, n_tasks, seed, Path(work) / "ours")
     loaders.RankBatchSampler.__iter__ = sampler_replay
     ours_mod.CodaPrompt.on_experience_start, ours_mod.CodaPrompt.on_experience_end = start_replay, end_replay
     try:

@@ -246,26 +246,6 @@ REPLAY_NAMES: dict[str, str] = {"prompt.prompt": "pool.prompt", "prompt.prompt_k
                                 "head.weight": "head.weight", "head.bias": "head.bias"}
 
 
-def _ours_replay_config(setup_path: str, n_tasks: int, seed: int, work: str,
-                        extra: tuple[str, ...] = ()) -> tuple[Any, Path]:
-    """Our side of a replay: the l2p row's config (then ``extra`` overrides) on the setup, in a fresh ``work``
-    directory (emptied first)."""
-    import shutil
-
-    from benchmarks.parity.common import VIT_CKPT
-    from cl.config import build_config
-
-    work_dir = Path(work).resolve()
-    shutil.rmtree(work_dir, ignore_errors=True)
-    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
-                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
-                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
-                              "trainer.enable_progress_bar=false", "trainer.logger=none",
-                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
-                                for o in ROWS["l2p"]["ours"]], *extra])
-    return cfg, work_dir
-
-
 def _step_divergence(theirs: list[dict[str, Any]], ours: list[dict[str, Any]]) -> dict[str, Any]:
     """Per optimiser step (both runs' steps in order): max |ours - theirs| over the trainable tensors after the step,
     and the first step past each threshold (None: never)."""
@@ -299,7 +279,13 @@ def check_run(setup_path: str, seed: int, work: str = "l2p_check_run", ours_over
     import torch
     import torch.utils.data.sampler as tsampler
 
-    from benchmarks.parity.common import counts_from_predictions, load_npz, official_source, seen_accuracy
+    from benchmarks.parity.common import (
+        counts_from_predictions,
+        load_npz,
+        official_source,
+        replay_config,
+        seen_accuracy,
+    )
 
     sys.path.insert(0, str(official_source("l2p")))
     setup = load_npz(Path(setup_path))
@@ -438,7 +424,7 @@ def check_run(setup_path: str, seed: int, work: str = "l2p_check_run", ours_over
     loaders.RankBatchSampler.__iter__ = sampler_replay
     ours_mod.L2P.on_experience_start, ours_mod.L2P.on_experience_end = start_replay, end_replay
     torch.optim.Adam.step = adam_step_recording
-    cfg, work_dir = _ours_replay_config(setup_path, n_tasks, seed, work, tuple(ours_overrides))
+    cfg, work_dir = replay_config(ROWS["l2p"]["ours"], setup_path, n_tasks, seed, work, tuple(ours_overrides))
     start = time.process_time()
     try:
         metrics = Runner(cfg).run()

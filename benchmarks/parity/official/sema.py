@@ -261,24 +261,6 @@ def _group(name: str) -> str:
     return {"adapters": "adapters", "descriptors": "rds", "router": "routers"}[name.split(".", 1)[0]]
 
 
-def _ours_replay_config(setup_path: str, n_tasks: int, seed: int, work: str) -> tuple[Any, Path]:
-    """Our side of a replay: the sema row's config on the setup, in a fresh ``work`` directory (emptied first)."""
-    import shutil
-
-    from benchmarks.parity.common import VIT_CKPT
-    from cl.config import build_config
-
-    work_dir = Path(work).resolve()
-    shutil.rmtree(work_dir, ignore_errors=True)
-    cfg = build_config(None, ["scenario=npz", f"scenario.path={Path(setup_path).resolve()}",
-                              f"scenario.n_experiences={n_tasks}", "scenario.augment=false", f"seed={seed}",
-                              f"run.dir={work_dir}", "run.checkpoint=false", "trainer.accelerator=cpu",
-                              "trainer.enable_progress_bar=false", "trainer.logger=none",
-                              *[f"backbone.checkpoint={VIT_CKPT}" if o.startswith("backbone.checkpoint=") else o
-                                for o in ROWS["sema"]["ours"]]])
-    return cfg, work_dir
-
-
 def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[str, Any]:
     """THEIR whole run, then ours replaying it: same initial weights of every module when it is created, same batches.
 
@@ -303,7 +285,13 @@ def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[
     import torch
     import torch.utils.data.sampler as tsampler
 
-    from benchmarks.parity.common import counts_from_predictions, load_npz, official_source, seen_accuracy
+    from benchmarks.parity.common import (
+        counts_from_predictions,
+        load_npz,
+        official_source,
+        replay_config,
+        seen_accuracy,
+    )
 
     sys.path.insert(0, str(official_source("sema")))
     setup = load_npz(Path(setup_path))
@@ -507,7 +495,7 @@ def check_run(setup_path: str, seed: int, work: str = "sema_check_run") -> dict[
     loaders.RankBatchSampler.__iter__ = sampler_replay
     ours_mod.SEMA.on_experience_start, ours_mod.SEMA.on_experience_end = start_replay, end_replay
     ours_mod.AdapterMixture.add, ours_mod.SEMA._batch_z_sums = add_replay, z_replay
-    cfg, work_dir = _ours_replay_config(setup_path, n_tasks, seed, work)
+    cfg, work_dir = replay_config(ROWS["sema"]["ours"], setup_path, n_tasks, seed, work)
     start = time.process_time()
     try:
         metrics = Runner(cfg).run()
@@ -559,7 +547,13 @@ def check_run_reverse(setup_path: str, seed: int, work: str = "sema_check_run_re
     import torch
     import torch.utils.data.sampler as tsampler
 
-    from benchmarks.parity.common import counts_from_predictions, load_npz, official_source, seen_accuracy
+    from benchmarks.parity.common import (
+        counts_from_predictions,
+        load_npz,
+        official_source,
+        replay_config,
+        seen_accuracy,
+    )
 
     setup = load_npz(Path(setup_path))
     n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
@@ -607,7 +601,7 @@ def check_run_reverse(setup_path: str, seed: int, work: str = "sema_check_run_re
     loaders.RankBatchSampler.__iter__ = sampler_recording
     ours_mod.SEMA.on_experience_start, ours_mod.AdapterMixture.add = start_recording, add_recording
     ours_mod.SEMA._batch_z_sums = z_counting
-    cfg, work_dir = _ours_replay_config(setup_path, n_tasks, seed, work)
+    cfg, work_dir = replay_config(ROWS["sema"]["ours"], setup_path, n_tasks, seed, work)
     start = time.process_time()
     try:
         runner = Runner(cfg)
