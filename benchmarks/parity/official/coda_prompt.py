@@ -180,7 +180,7 @@ def official_args(src: Path, spec: dict[str, Any], n_tasks: int, cpt: int, log_d
 
 
 # ------------------------------------------------------------------------------------------------ replay
-def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
+def check_run(setup_path: str, seed: int, work: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """THEIR whole run, then ours replaying it: the same initial components and classifier, the same batches.
 
     1. THEIR ``Trainer.train`` runs as :func:`main` runs it (seed ``seed``) while wrappers only observe: the index
@@ -193,6 +193,8 @@ def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
        to ours through ``exp.train.indices``), and at each experience start the chunk :meth:`CodaPool.grow` just
        drew overwritten with THEIR rows of that task (and the classifier with theirs at experience 0). Everything
        else is our code. At each experience end our components and classifier are compared with THEIR snapshot.
+
+    ``extra`` overrides go to our side only (a deliberate change the replay must catch, as the tests do).
     """
     import numpy as np
     import torch
@@ -347,7 +349,8 @@ def check_run(setup_path: str, seed: int, work: str) -> dict[str, Any]:
             diff[f"last.{k}"] = float((v.cpu() - ref[f"last.{k}"]).abs().max())
         exps.append({"experience": exp.index, "max_abs_diff": max(diff.values()), "per_tensor": diff})
 
-    cfg, _ = replay_config(ROWS["coda_prompt"]["ours"], setup_path, n_tasks, seed, Path(work) / "ours")
+    cfg, _ = replay_config(ROWS["coda_prompt"]["ours"], setup_path, n_tasks, seed, Path(work) / "ours",
+                           extra=extra)
     loaders.RankBatchSampler.__iter__ = sampler_replay
     ours_mod.CodaPrompt.on_experience_start, ours_mod.CodaPrompt.on_experience_end = start_replay, end_replay
     try:
@@ -375,6 +378,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--check-run", action="store_true",
                     help="replay: THEIR run, then ours with their initial components/classifier and batch order")
+    ap.add_argument("--ours", nargs="*", default=[], help="with --check-run: extra overrides for our side only")
     args = ap.parse_args()
     start = time.perf_counter()
     if args.check_run:
@@ -382,7 +386,7 @@ def main() -> None:
         import tempfile
 
         with tempfile.TemporaryDirectory() as work:
-            report = check_run(str(args.setup), args.seed, work)
+            report = check_run(str(args.setup), args.seed, work, tuple(args.ours))
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         for e in report["experiences"]:
             t = e["experience"]
