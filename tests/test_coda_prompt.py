@@ -52,6 +52,45 @@ def test_gram_schmidt_orthonormal_and_orthogonal_to_old():
         gram_schmidt(both, 6, g)
 
 
+def test_new_components_are_normalised_standard_normal_draws():
+    """The draws the replay overwrites with THEIR rows: ``models/zoo.py:104-122`` makes each new component from
+    ``torch.randn_like`` (standard normal) minus its projections, then unit norm; the ``tensor_prompt`` U(0, 1) init
+    (zoo.py:342-351) never survives (rows past the current task are zeroed by ``gram_schmidt``'s ``zeros_like``).
+    So the first component of a pool is a normalised N(0, I) draw (uniform on the sphere), and later ones are the
+    draws' components orthogonal to everything before them."""
+    d = 64
+    first = gram_schmidt(torch.zeros(0, d), 1, torch.Generator().manual_seed(5))
+    v = torch.randn(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.allclose(first[0].double(), v / v.norm(), atol=1e-7)
+    # over many pools: coordinates of a uniform unit vector in R^d have mean 0 and variance 1/d (a U(0, 1) start
+    # would give a positive mean of about sqrt(3/d) / 2)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat([gram_schmidt(torch.zeros(0, d), 10, g) for _ in range(50)])
+    assert abs(rows.mean().item()) < 0.01 and abs(rows.var().item() * d - 1) < 0.05
+    # a new chunk after trained (not orthonormal) old rows: the official classical Gram-Schmidt, written out
+    old = torch.randn(12, d, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.1
+    new = gram_schmidt(old, 3, torch.Generator().manual_seed(2))
+    g2, basis, expect = torch.Generator().manual_seed(2), [u for u in old.double()], []
+    for _ in range(3):
+        vk = torch.randn(d, generator=g2, dtype=torch.float64)
+        uk = vk - sum((vk @ u) / (u @ u) * u for u in basis)  # projections of the draw, not of the residual
+        basis.append(uk)
+        expect.append(uk / uk.norm())
+    assert torch.allclose(new.double(), torch.stack(expect), atol=1e-6)
+
+
+def test_classifier_init_is_pytorch_default():
+    """The official classifier is a plain ``nn.Linear(768, num_classes)`` (``models/zoo.py:374``; the parity shim
+    makes it ``nn.Linear(64, ...)``, the same default init): weight and bias U(-1/sqrt(D), 1/sqrt(D)), not a
+    trunc-normal or zero head."""
+    torch.manual_seed(0)
+    model = _strategy()
+    w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
+    bound = 1 / math.sqrt(w.shape[1])
+    assert w.abs().max() <= bound and b.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound and b.abs().min() > 0
+
+
 def test_growth_freezes_old_chunks_and_stays_orthogonal():
     model = _strategy()
     ctx = _ctx(2)

@@ -90,6 +90,26 @@ def _model(overrides: list[str] = ()):
     return build_strategy(cfg, build_scenario(cfg))
 
 
+def test_initial_draws_follow_the_official_distributions():
+    """The draws the whole-run replay overwrites with THEIR values (so it cannot see their distribution): the port's
+    ``prompt.py:20-34`` U(-1, 1) prompts and keys, and the head of ``vision_transformer.py:410-421,519-524``
+    (``init_weights_vit_timm``: ``trunc_normal_(std=.02)``, cut at +-2 absolute, so a plain N(0, 0.02^2) here; bias
+    0), not ``nn.Linear``'s own kaiming-uniform (std 1/sqrt(3 D) = 0.072 at D = 64, bias nonzero)."""
+    stats = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = _model(["strategy.pool_size=40", "strategy.prompt_length=5"])
+        w = m.head.weight.detach()
+        assert torch.equal(m.head.bias, torch.zeros_like(m.head.bias))
+        stats.append((w.mean().item(), w.std().item(), w.abs().max().item()))
+        for t in (m.pool.prompt, m.pool.key):
+            assert -1 <= t.min() < -0.95 and 0.95 < t.max() <= 1
+            assert abs(t.mean().item()) < 0.05 and abs(t.std().item() - 1 / math.sqrt(3)) < 0.02  # U(-1, 1)
+    w_mean, w_std, w_max = (sum(s[i] for s in stats) / len(stats) for i in range(3))
+    assert abs(w_mean) < 0.002 and abs(w_std - 0.02) < 0.002 and w_max < 0.1
+    assert len({round(s[1], 8) for s in stats}) == len(stats)  # each seed its own draw
+
+
 def test_prompted_forward_by_hand():
     torch.manual_seed(0)
     m = _model(["strategy.batchwise_prompt=never"]).eval()

@@ -85,10 +85,10 @@ def _tiny_setup(path: Path, n_tasks: int = 2, cpt: int = 2, train: int = 44, tes
     return path
 
 
-def _check_run(tmp_path: Path, *ours: str) -> dict:
-    setup, out = _tiny_setup(tmp_path / "setup.npz"), tmp_path / f"report{len(ours)}.json"
+def _check_run(tmp_path: Path, *ours: str, mode: str = "--check-run") -> dict:
+    setup, out = _tiny_setup(tmp_path / "setup.npz"), tmp_path / f"report{len(ours)}{mode}.json"
     argv = [sys.executable, str(REPO / "benchmarks" / "parity" / "official" / "l2p.py"), "--row", "l2p", "--setup",
-            str(setup), "--seed", "3", "--check-run", "--out", str(out)]
+            str(setup), "--seed", "3", mode, "--out", str(out)]
     if ours:
         argv += ["--ours", *ours]
     proc = subprocess.run(argv, env=thread_env(1), capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -113,3 +113,15 @@ def test_replay_of_a_tiny_run_agrees_and_catches_a_changed_loss(tmp_path: Path):
     first = changed["step_divergence"]["first_step_over"]["0.0001"]  # Adam moves the old rows by ~lr = 1.9e-3
     assert first == steps_per_task, changed["step_divergence"]
     assert changed["experiences"][0]["step_max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAS_SOURCE, reason="needs the official l2p-pytorch source (mirror or extracted copy)")
+def test_reverse_replay_of_a_tiny_run_agrees(tmp_path: Path):
+    """OUR run first, then THEIR code fed our initial pool, keys, head and batch order: the same run to float noise."""
+    report = _check_run(tmp_path, mode="--check-run-reverse")
+    assert report["their_own_shuffles"] == [] and report["unused_shuffles"] == []
+    div = report["step_divergence"]
+    assert div["steps_official"] == div["steps_ours"] == 2 * 6 * HPARAMS["epochs"]
+    assert div["max"] < 1e-5 and div["first_step_over"]["0.0001"] is None
+    assert report["same_matrix_seen"] and report["acc_ours"] == report["acc_official_seen"]

@@ -460,6 +460,177 @@ def check_run(setup_path: str, seed: int, work: str = "l2p_check_run", ours_over
             "cpu_s": {"official": round(their_cpu, 1), "ours": round(our_cpu, 1)}, "experiences": report_exps}
 
 
+def check_run_reverse(setup_path: str, seed: int, work: str = "l2p_check_run_reverse") -> dict[str, Any]:
+    """The replay the other way round: OUR run (seed ``seed``) first, then THEIR code fed OUR draws.
+
+    1. Our :class:`~cl.runner.Runner` runs the ``l2p`` row unmodified while wrappers only observe: the order of every
+       shuffled training pass (``RankBatchSampler``, per experience and epoch, as setup indices through
+       ``exp.train.indices``), the initial pool, keys and head (at experience 0's start, before any step), the
+       trainable tensors after every Adam step and the accuracy matrix.
+    2. THEIR ``main.main`` then runs (:func:`install_shims`) with the prompted model's pool, keys and head loaded with
+       OUR initial values right after their ``create_model`` draws them, and their ``BatchSampler`` over the
+       ``RandomSampler`` of task ``t``, epoch ``e`` yielding OUR order of (t, e) mapped to their ``Subset`` positions
+       (``split_single_dataset``: the task's setup indices in natural order), 16 per batch, the last partial batch
+       kept. Everything else is their code. Their trainable tensors are compared with ours after every step.
+
+    Answers whether a run of ours that ends low ends as low in THEIR code from the same draws: if it does, the
+    draw is what is low, not our code.
+    """
+    import numpy as np
+    import torch
+    import torch.utils.data.sampler as tsampler
+
+    from benchmarks.parity.common import (
+        counts_from_predictions,
+        load_npz,
+        official_source,
+        replay_config,
+        seen_accuracy,
+    )
+
+    setup = load_npz(Path(setup_path))
+    n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
+    train_y = np.asarray(setup["train_y"])
+    steps: dict[str, list[dict[str, torch.Tensor]]] = {"official": [], "ours": []}
+    watch: dict[str, Any] = {"side": None, "tensors": None}
+    adam_step = torch.optim.Adam.step
+
+    def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
+        out = adam_step(self, *args, **kwargs)
+        if watch["tensors"] is not None:
+            steps[watch["side"]].append(snapshot(watch["tensors"]()))
+        return out
+
+    # ---- 1. ours, observed
+    import strategies.l2p as ours_mod
+    from cl.data import loaders
+    from cl.runner import Runner
+
+    state: dict[str, Any] = {"exp": 0, "epoch": 0, "indices": None, "model": None}
+    perms: dict[tuple[int, int], np.ndarray] = {}  # (experience, epoch) -> setup indices in our batch order
+    inits: dict[str, torch.Tensor] = {}
+    sampler_iter, start_fn = loaders.RankBatchSampler.__iter__, ours_mod.L2P.on_experience_start
+
+    def our_tensors() -> dict[str, torch.Tensor]:
+        m = state["model"]
+        return {theirs: m.get_parameter(ours) for theirs, ours in REPLAY_NAMES.items()}
+
+    def sampler_recording(self):
+        batches = list(sampler_iter(self))
+        if self.shuffle:
+            key = (state["exp"], state["epoch"])
+            state["epoch"] += 1
+            assert key not in perms, key
+            perms[key] = state["indices"][np.concatenate(batches)]
+        yield from batches
+
+    def start_recording(self, exp, ctx):
+        state.update(exp=exp.index, epoch=0, indices=np.asarray(exp.train.indices), model=self)
+        start_fn(self, exp, ctx)
+        if exp.index == 0:
+            inits.update(snapshot(our_tensors()))
+            watch.update(side="ours", tensors=our_tensors)
+
+    loaders.RankBatchSampler.__iter__, ours_mod.L2P.on_experience_start = sampler_recording, start_recording
+    torch.optim.Adam.step = adam_step_recording
+    cfg, _ = replay_config(ROWS["l2p"]["ours"], setup_path, n_tasks, seed, work)
+    start = time.process_time()
+    try:
+        metrics = Runner(cfg).run()
+    finally:
+        loaders.RankBatchSampler.__iter__, ours_mod.L2P.on_experience_start = sampler_iter, start_fn
+        watch.update(side=None, tensors=None)
+    our_cpu = time.process_time() - start
+    our_acc = seen_accuracy(metrics["correct"], metrics["total"])
+    our_matrix = [[None if v is None else 100.0 * v for v in r] for r in metrics["accuracy_matrix"]]
+
+    # ---- 2. THEIR code, fed our draws
+    src = official_source("l2p")
+    clash = [m for m in ("main", "engine", "datasets", "utils", "models", "prompt", "vision_transformer")
+             if m in sys.modules and not str(getattr(sys.modules[m], "__file__", "")).startswith(str(src))]
+    assert not clash, f"modules {clash} already imported from elsewhere: their import would not be theirs"
+    sys.path.insert(0, str(src))
+    captured: dict = {}
+    install_shims(setup, captured)
+    import engine
+    import main as their_main
+
+    where = {"task": 0, "epoch": 0}
+    their_of = {}  # setup index -> position in THEIR Subset of task t (natural order)
+    for t in range(n_tasks):
+        pos = np.flatnonzero((train_y >= t * cpt) & (train_y < (t + 1) * cpt))
+        inv = np.full(len(train_y), -1)
+        inv[pos] = np.arange(len(pos))
+        their_of[t] = inv
+    own: list[str] = []
+    built: list = []
+    batch_iter = tsampler.BatchSampler.__iter__
+    create_model, train_one_epoch = their_main.create_model, engine.train_one_epoch
+
+    def their_tensors() -> dict[str, torch.Tensor]:
+        m = built[1]
+        return {"prompt.prompt": m.prompt.prompt, "prompt.prompt_key": m.prompt.prompt_key,
+                "head.weight": m.head.weight, "head.bias": m.head.bias}
+
+    def create_model_loading(name: str, **kwargs: Any) -> Any:
+        built.append(create_model(name, **kwargs))
+        if len(built) == 2:  # the prompted model, as drawn: overwrite with our initial values
+            with torch.no_grad():
+                for k, p in their_tensors().items():
+                    p.copy_(inits[k])
+            watch.update(side="official", tensors=their_tensors)
+        return built[-1]
+
+    def train_one_epoch_recording(*args: Any, **kwargs: Any) -> Any:
+        where.update(task=int(kwargs["task_id"]), epoch=int(kwargs["epoch"]))
+        return train_one_epoch(*args, **kwargs)
+
+    def batch_iter_replay(self):
+        if not isinstance(self.sampler, tsampler.RandomSampler):
+            yield from batch_iter(self)
+            return
+        key = (where["task"], where["epoch"])
+        perm = perms.pop(key, None)
+        if perm is None or len(perm) != len(self.sampler.data_source):
+            own.append(f"task {key[0]} epoch {key[1]}: a shuffle ours never drew (their own order)")
+            yield from batch_iter(self)
+            return
+        order = their_of[key[0]][perm]
+        assert (order >= 0).all() and not self.drop_last, key
+        for i in range(0, len(order), self.batch_size):
+            yield order[i:i + self.batch_size].tolist()
+
+    their_main.create_model = create_model_loading
+    engine.train_one_epoch = train_one_epoch_recording
+    tsampler.BatchSampler.__iter__ = batch_iter_replay
+    start = time.process_time()
+    try:
+        their_main.main(_official_args("l2p", ROWS["l2p"]["official"], setup, seed))
+    finally:
+        tsampler.BatchSampler.__iter__ = batch_iter
+        their_main.create_model, engine.train_one_epoch = create_model, train_one_epoch
+        torch.optim.Adam.step = adam_step
+        watch.update(side=None, tensors=None)
+    their_cpu = time.process_time() - start
+    evals_seen = [(np.concatenate(e["pred_seen"]), np.concatenate(e["true"])) for e in captured["evals"]]
+    their_acc_seen, their_matrix_seen = counts_from_predictions(evals_seen, n_tasks, cpt)
+    per_step = _step_divergence(steps["official"], steps["ours"])
+    same_matrix = all(a == b or (a is not None and b is not None and abs(a - b) < 1e-9)
+                      for ra, rb in zip(their_matrix_seen, our_matrix) for a, b in zip(ra, rb))
+    return {"seed": seed, "direction": "ours first, then THEIR code on our draws",
+            "setup_class_order": [int(c) for c in setup.get("class_order", [])],
+            "their_own_shuffles": own, "unused_shuffles": [list(k) for k in sorted(perms)],
+            "same_matrix_seen": bool(same_matrix),
+            "step_divergence": {k: v for k, v in per_step.items() if k != "per_step"},
+            "step_max_abs_diff": [float(f"{d:.3g}") for d in per_step["per_step"]],
+            "acc_ours": [round(a, 3) for a in our_acc], "acc_official_seen": [round(a, 3) for a in their_acc_seen],
+            "matrix_ours": our_matrix, "matrix_official_seen": their_matrix_seen,
+            "cpu_s": {"ours": round(our_cpu, 1), "official": round(their_cpu, 1)}}
+
+
 def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=f"official {source} on the parity setup")
     ap.add_argument("--row", required=True, choices=list(rows))
@@ -470,9 +641,25 @@ def run(source: str, rows: dict, argv: list[str] | None = None) -> None:
                     help="compare one forward of both models with the same values instead of a run")
     ap.add_argument("--check-run", action="store_true",
                     help="replay: THEIR run, then ours with their initial pool/keys/head and batch order (l2p only)")
+    ap.add_argument("--check-run-reverse", action="store_true",
+                    help="reverse replay: OUR run, then THEIR code with our initial pool/keys/head and batch order")
     ap.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                     help="--check-run only: extra overrides of our side (experiments)")
     args = ap.parse_args(argv)
+    if args.check_run_reverse:
+        if source != "l2p":
+            ap.error("--check-run-reverse is implemented for the l2p row only")
+        work = tempfile.mkdtemp(prefix="l2p_check_run_reverse_")
+        try:
+            report = check_run_reverse(args.setup, args.seed, work=work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print("ours:", report["acc_ours"], "| their code on our draws:", report["acc_official_seen"])
+        print("step divergence:", report["step_divergence"], "| same matrix (seen):", report["same_matrix_seen"],
+              "| their own shuffles:", report["their_own_shuffles"], "| unused:", report["unused_shuffles"])
+        return
     if args.check_run:
         if source != "l2p":
             ap.error("--check-run is implemented for the l2p row only")
