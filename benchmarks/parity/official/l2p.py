@@ -246,6 +246,12 @@ REPLAY_NAMES: dict[str, str] = {"prompt.prompt": "pool.prompt", "prompt.prompt_k
                                 "head.weight": "head.weight", "head.bias": "head.bias"}
 
 
+def _their_trainables(model: Any) -> dict[str, Any]:
+    """The trainable tensors of THEIR prompted model, by the names of :data:`REPLAY_NAMES`."""
+    return {"prompt.prompt": model.prompt.prompt, "prompt.prompt_key": model.prompt.prompt_key,
+            "head.weight": model.head.weight, "head.bias": model.head.bias}
+
+
 def _step_divergence(theirs: list[dict[str, Any]], ours: list[dict[str, Any]]) -> dict[str, Any]:
     """Per optimiser step (both runs' steps in order): max |ours - theirs| over the trainable tensors after the step,
     and the first step past each threshold (None: never)."""
@@ -326,9 +332,7 @@ def check_run(setup_path: str, seed: int, work: str = "l2p_check_run", ours_over
     built: list = []
 
     def their_tensors() -> dict[str, torch.Tensor]:
-        m = built[1]
-        return {"prompt.prompt": m.prompt.prompt, "prompt.prompt_key": m.prompt.prompt_key,
-                "head.weight": m.head.weight, "head.bias": m.head.bias}
+        return _their_trainables(built[1])
 
     def create_model_recording(name: str, **kwargs: Any) -> Any:
         built.append(create_model(name, **kwargs))
@@ -571,9 +575,7 @@ def check_run_reverse(setup_path: str, seed: int, work: str = "l2p_check_run_rev
     create_model, train_one_epoch = their_main.create_model, engine.train_one_epoch
 
     def their_tensors() -> dict[str, torch.Tensor]:
-        m = built[1]
-        return {"prompt.prompt": m.prompt.prompt, "prompt.prompt_key": m.prompt.prompt_key,
-                "head.weight": m.head.weight, "head.bias": m.head.bias}
+        return _their_trainables(built[1])
 
     def create_model_loading(name: str, **kwargs: Any) -> Any:
         built.append(create_model(name, **kwargs))
