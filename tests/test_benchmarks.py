@@ -76,6 +76,55 @@ def test_plan_groups_every_registered_strategy() -> None:
     assert {r.group for r in rows if r.name == "joint"} == {"vit", "scratch"}
 
 
+def test_merge_table_replaces_and_inserts_rows_and_keeps_the_rest() -> None:
+    head = "| " + " | ".join(bench.COLUMNS[1:]) + " |"
+    sep = "|" + "---|" * (len(bench.COLUMNS) - 1)
+
+    def row(name: str, acc: str) -> str:
+        return f"| {name} | {acc} | " + " | ".join(["x"] * (len(bench.COLUMNS) - 3)) + " |"
+
+    vit, scratch = (bench.group_head(g)[0] for g in ("vit", "scratch"))
+    old = "\n".join([bench.MARK_START, "", "Made by `old command`.", "",
+                     vit, "", head, sep, row("aper", "1.0"), row("finetune", "2.0"), row("lae", "3.0"), "",
+                     scratch, "", head, sep, row("er", "4.0"), row("avalanche:naive", "5.0"), "",
+                     "![proxy benchmark](proxy/proxy_fmnist.png)", "", bench.MARK_END])
+    order = {"vit": ["aper", "coda_prompt", "finetune", "l2p", "lae"], "scratch": ["er", "avalanche:naive"]}
+    new = {"vit": [row("l2p", "9.0"), row("finetune", "8.0"), row("coda_prompt †", "7.0")]}
+    merged = bench.merge_table(old, new, order, "Rows merged by `new command`.").split("\n")
+
+    table = [ln for ln in merged if ln.startswith("| ") and ln != head]
+    assert table == [row("aper", "1.0"), row("coda_prompt †", "7.0"), row("finetune", "8.0"), row("l2p", "9.0"),
+                     row("lae", "3.0"), row("er", "4.0"), row("avalanche:naive", "5.0")]
+    # every line of the old block but the replaced row is still there, in its order, and only the new rows, the
+    # note and the footnote (each with its blank line) came in
+    kept = iter(merged)
+    assert all(ln in kept for ln in old.split("\n") if ln != row("finetune", "2.0"))
+    assert len(merged) == len(old.split("\n")) - 1 + 3 + 2 + 2
+    assert merged.index("Rows merged by `new command`.") < merged.index(vit)
+    assert bench.STALE_NOTE in merged  # a † row brings its footnote
+    assert merged.index(bench.STALE_NOTE) < merged.index("![proxy benchmark](proxy/proxy_fmnist.png)")
+    # a row of a group the table lacks gets that group's section, in the groups' order
+    only_scratch = "\n".join([bench.MARK_START, "", "Made by `x`.", "", scratch, "", head, sep, row("er", "4.0"), "",
+                              "![proxy benchmark](p.png)", "", bench.MARK_END])
+    merged = bench.merge_table(only_scratch, {"vit": [row("lae", "6.0")]}, order, "note").split("\n")
+    assert merged.index(vit) < merged.index(row("lae", "6.0")) < merged.index(scratch)
+
+
+def test_merge_claims_keeps_the_claims_of_rows_not_in_the_cache() -> None:
+    from benchmarks.proxy import claims
+
+    slca, align = "* **SLCA above sequential fine-tuning: held.** x", "* **SLCA's classifier alignment helps: held.** x"
+    lae_old, lae_new = "* **LAE's ensemble at least as good: held** 1", "* **LAE's ensemble at least as good: held** 2"
+    kfpf, fpf, prd = ("* **k-FPF close to replay: did not hold** x", "* **FPF on top of ER improves it: held.** x",
+                      "* **PRD's distillation keeps old classes: held.** x")
+    ranpac, dp = "* **RanPAC above SimpleCIL (`ncm`): held.** x", "* **DualPrompt above L2P: held.** x"
+    old = [slca, align, lae_old, "* RanPAC vs `ncm`: not run.", kfpf, fpf, prd]
+    new = ["* SLCA: not run.", lae_new, ranpac, "* L2P vs `finetune`: not run.", dp, "* k-FPF vs ER: not run.",
+           "* PRD: not run."]
+    assert claims.merge_claims(old, new) == [slca, align, lae_new, ranpac, dp, kfpf, fpf, prd]
+    assert claims.merge_claims([], new) == [lae_new, ranpac, dp]
+
+
 @pytest.mark.slow
 def test_kfpf_cpu_benchmark_quick_writes_its_table_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import kfpf_cpu

@@ -5,12 +5,14 @@ Reads the same cache as ``run.py`` (the runs of the current configs only) and ea
 ``experiences[i].extra`` for SEMA's adapters and the FLOPs).
 
     python benchmarks/proxy/claims.py --seeds 0 1 2
+    python benchmarks/proxy/claims.py --merge   # a cache with only some rows: keep the README's other claims
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -236,6 +238,39 @@ def claims(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def subject(line: str) -> str:
+    """The strategy a claim line is about: its first word (``* **SLCA's ...`` and ``* SLCA: not run.``: SLCA)."""
+    return line.removeprefix("* ").lstrip("*").split()[0].rstrip(":").removesuffix("'s")
+
+
+def key(line: str) -> str | None:
+    """A checked claim's statement (``* **<statement>: held ...``); None for a ``not run`` line."""
+    m = re.match(r"\* \*\*(.+?): (?:held|did not hold)", line)
+    return m.group(1) if m else None
+
+
+def merge_claims(old: list[str], new: list[str]) -> list[str]:
+    """``new``'s checked claims (replacing ``old``'s line of the same statement); where ``new`` says a strategy was
+    not run, ``old``'s lines about it; ``old``'s other lines after the line they followed."""
+    checked = {key(ln): ln for ln in new if key(ln)}
+    done = {subject(ln) for ln in checked.values()}
+    keep = [ln for ln in old if key(ln) not in checked and (key(ln) or subject(ln) not in done)]
+    out: list[str] = []
+    for ln in new:
+        out += [ln] if key(ln) else [o for o in keep if subject(o) == subject(ln) and o not in out]
+    pos = 0
+    for o in old:
+        rep = o if o in keep else checked.get(key(o))
+        if rep is None:  # an old "not run" line of a strategy checked now
+            continue
+        if rep in out:
+            pos = out.index(rep) + 1
+        else:
+            out.insert(pos, rep)
+            pos += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -243,18 +278,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, default=bench.CACHE)
     p.add_argument("--readme", type=Path, default=bench.README)
     p.add_argument("--print", action="store_true", help="print instead of writing the README")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the README's claims about strategies not in this cache (instead of 'not run' lines)")
     args = p.parse_args(argv)
     lines = claims(load_runs(args))
-    cmd = "python benchmarks/proxy/claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    block = "\n".join([MARK_START, "", f"Made by `{cmd.strip()}` from the cached runs of the table above.", "",
-                       *lines, "", MARK_END])
+    cmd = ("python benchmarks/proxy/claims.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    text = args.readme.read_text()
+    has_block = MARK_START in text and MARK_END in text
+    head = [f"Made by `{cmd}` from the cached runs of the table above."]
+    if args.merge and has_block:
+        old = text.split(MARK_START, 1)[1].split(MARK_END, 1)[0].split("\n")
+        merged = merge_claims([ln for ln in old if ln.startswith("* ")], lines)
+        for ln in lines:
+            if not key(ln):
+                print(f"{ln.removeprefix('* ')} (here; the README's lines about {subject(ln)}, if any, are kept)",
+                      file=sys.stderr)
+        note = f"Updated by `{cmd}`: the claims whose runs are in its cache; the others as made above."
+        head = [ln for ln in old if ln and not ln.startswith("* ") and ln != note] + [note]
+        lines = merged
+    elif not args.print and any(not key(ln) for ln in lines):
+        print("warning: claims whose runs are not in this cache are written as 'not run'; --merge keeps the "
+              "README's lines for them", file=sys.stderr)
+    block = "\n".join([MARK_START, "", *(x for h in head for x in (h, "")), *lines, "", MARK_END])
     if args.print:
         print(block)
         return
-    text = args.readme.read_text()
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    if has_block:
+        head_text, rest = text.split(MARK_START, 1)
+        text = head_text + block + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     args.readme.write_text(text)

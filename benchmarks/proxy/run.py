@@ -18,6 +18,7 @@ reruns only its rows.
     python benchmarks/proxy/run.py                  # the full table (3 seeds), ~30 min on 2 cores
     python benchmarks/proxy/run.py --quick          # one seed, 3 batches per epoch: a smoke test
     python benchmarks/proxy/run.py --only er kfpf --seeds 0
+    python benchmarks/proxy/run.py --only l2p --groups vit --no-run --merge   # replace/insert rows, keep the rest
 """
 
 from __future__ import annotations
@@ -404,6 +405,25 @@ def aggregate(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, 
     return table
 
 
+STALE_NOTE = ("† run with an earlier version of the strategy's preset or source file (the current one changed after "
+              "the run and was not rerun within the time budget; the run's own `config.yaml` in the cache says what "
+              "ran).")
+
+
+def group_head(group: str) -> list[str]:
+    return [f"**{group}**: {GROUPS[group]['title']} (`{' '.join(group_backbone(group))}`)", "",
+            "| " + " | ".join(COLUMNS[1:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+
+
+def row_line(e: dict[str, Any]) -> str:
+    if not e["runs"]:
+        why = ("not run yet (time budget)" if set(e["failed"]) <= {"not run"}
+               else "failed: " + "; ".join(sorted(set(e["failed"])))[:120])
+        return f"| {e['strategy']} | " + " | ".join(["–"] * (len(COLUMNS) - 3)) + f" | {why} |"
+    mark = " †" if any(r.get("stale") for r in e["runs"]) else ""
+    return "| " + " | ".join(str(e[c]) + (mark if c == "strategy" else "") for c in COLUMNS[1:]) + " |"
+
+
 def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace, elapsed: float) -> str:
     lines = [MARK_START, "", f"Made by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} CPU cores, {elapsed / 60:.1f} min including cached runs' original time"
@@ -411,23 +431,65 @@ def markdown(table: list[dict[str, Any]], command: str, args: argparse.Namespace
              f"`{' '.join(STREAMS[args.stream])}`, test images per class: "
              f"{TEST_PER_CLASS.get(args.stream) or 'all'}.", ""]
     for group in dict.fromkeys(e["group"] for e in table):
-        lines += [f"**{group}**: {GROUPS[group]['title']} (`{' '.join(group_backbone(group))}`)", "",
-                  "| " + " | ".join(COLUMNS[1:]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
-        for e in (e for e in table if e["group"] == group):
-            if not e["runs"]:
-                why = ("not run yet (time budget)" if set(e["failed"]) <= {"not run"}
-                       else "failed: " + "; ".join(sorted(set(e["failed"])))[:120])
-                lines.append(f"| {e['strategy']} | " + " | ".join(["–"] * (len(COLUMNS) - 3)) + f" | {why} |")
-                continue
-            mark = " †" if any(r.get("stale") for r in e["runs"]) else ""
-            lines.append("| " + " | ".join(str(e[c]) + (mark if c == "strategy" else "") for c in COLUMNS[1:]) + " |")
-        lines.append("")
+        lines += [*group_head(group), *(row_line(e) for e in table if e["group"] == group), ""]
     if any(r.get("stale") for e in table for r in e["runs"]):
-        lines += ["† run with an earlier version of the strategy's preset or source file (the current one changed "
-                  "after the run and was not rerun within the time budget; the run's own `config.yaml` in the cache "
-                  "says what ran).", ""]
+        lines += [STALE_NOTE, ""]
     lines += [f"![proxy benchmark]({Path(os.path.relpath(PLOT, README.parent)).as_posix()})", "", MARK_END]
     return "\n".join(lines)
+
+
+def row_label(line: str) -> str:
+    return line.split("|")[1].strip().removesuffix(" †")
+
+
+def merge_table(block: str, new: dict[str, list[str]], order: dict[str, list[str]], note: str) -> str:
+    """``block`` (a table written by :func:`markdown`) with the row lines of ``new`` (group -> lines) replacing the
+    rows of the same label or inserted where a full run puts them (``order``: group -> labels in a full run's
+    order); every other line stays as it is, and ``note`` is added above the first group (replacing a note that
+    reads the same up to its first " (", i.e. an earlier merge of the same rows by the same command)."""
+    lines = block.split("\n")
+    sep = "|" + "---|" * (len(COLUMNS) - 1)
+    for group, new_lines in new.items():
+        heads = {g: i for i, ln in enumerate(lines) for g in order if ln.startswith(f"**{g}**:")}
+        if group not in heads:  # a group the table lacks: before the next group of a full run, else after the last
+            later = [heads[g] for g in list(order)[list(order).index(group) + 1:] if g in heads]
+            at = min(later) if later else next(i for i, ln in enumerate(lines)
+                                               if ln.startswith(("† ", "![proxy benchmark]", MARK_END)))
+            lines[at:at] = [*group_head(group), ""]
+            heads[group] = at
+        start = lines.index(sep, heads[group]) + 1
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        rank = {name: i for i, name in enumerate(order[group])}
+        for line in new_lines:
+            labels = [row_label(ln) for ln in lines[start:end]]
+            if row_label(line) in labels:
+                lines[start + labels.index(row_label(line))] = line
+                continue
+            mine = rank.get(row_label(line), math.inf)
+            at = next((start + j for j, lab in enumerate(labels) if rank.get(lab, -1) > mine), end)
+            lines.insert(at, line)
+            end += 1
+    same = [i for i, ln in enumerate(lines) if ln.split(" (")[0] == note.split(" (")[0]]
+    for i in reversed(same):  # the same rows merged by the same command before: its note is replaced
+        del lines[i:i + 2]
+    first = next(i for i, ln in enumerate(lines) if any(ln.startswith(f"**{g}**:") for g in order))
+    lines[first:first] = [note, ""]
+    stale = any("†" in ln.split("|")[1] for ln in lines if ln.startswith("| "))
+    if stale and STALE_NOTE not in lines:
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(("![proxy benchmark]", MARK_END)))
+        lines[at:at] = [STALE_NOTE, ""]
+    elif not stale and STALE_NOTE in lines:
+        del lines[lines.index(STALE_NOTE):lines.index(STALE_NOTE) + 2]
+    return "\n".join(lines)
+
+
+def current_block() -> str | None:
+    text = README.read_text() if README.is_file() else ""
+    if MARK_START not in text or MARK_END not in text:
+        return None
+    return MARK_START + text.split(MARK_START, 1)[1].split(MARK_END, 1)[0] + MARK_END
 
 
 def write_readme(block: str) -> None:
@@ -495,9 +557,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--readme", type=Path, default=None, help="write the table into this file instead")
     p.add_argument("--plot", type=Path, default=None, help="plot path (default benchmarks/proxy/proxy_fmnist.png)")
     p.add_argument("--list", action="store_true", help="print the planned rows and exit")
+    p.add_argument("--merge", action="store_true",
+                   help="replace/insert only the rows that ran (with --only/--groups) in the README's table and keep "
+                        "every other row; rows without a run are left as they are; the plot is not redrawn (it "
+                        "is drawn only when the table is written whole)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
+    if args.merge and args.quick:
+        p.error("--merge: a quick run is not a result, not merged into the table")
+    partial = bool(args.only) or set(args.groups) != set(GROUPS)
+    if partial and not args.merge and not args.list:
+        print(f"warning: {'the plot is' if args.no_readme else 'the table and the plot are'} rewritten with these "
+              "rows only, every other row dropped; --merge keeps them", file=sys.stderr)
+    global PLOT, README
+    if args.plot:
+        PLOT = args.plot.resolve()
+    if args.readme:
+        README = args.readme.resolve()
+    old = current_block()
+    if args.merge and (old is None or f"Stream `{args.stream}`:" not in old):
+        p.error(f"--merge: {README} has no proxy table of stream {args.stream} to merge into")
 
     import torch
 
@@ -526,19 +606,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     elapsed = sum(r.get("elapsed_s", 0.0) for r in results)
     table = aggregate(results, rows)
     cmd = "python benchmarks/proxy/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    global PLOT, README
-    if args.plot:
-        PLOT = args.plot.resolve()
-    if args.readme:
-        README = args.readme.resolve()
-    block = markdown(table, cmd.strip(), args, elapsed)
+    if args.merge:
+        new: dict[str, list[str]] = {}
+        for e in table:
+            if e["runs"]:
+                new.setdefault(e["group"], []).append(row_line(e))
+            else:
+                print(f"not merged (no run): {e['group']}/{e['strategy']}")
+        names = ", ".join(f"`{e['group']}/{e['strategy']}`" for e in table if e["runs"])
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        note = (f"Rows {names} replaced or added by `{cmd.strip()}` ({stamp}, {os.cpu_count()} CPU cores); the plot "
+                "shows the rows as made above.")
+        order = {g: [r.name for r in plan(None, [g])] for g in GROUPS}
+        block = merge_table(old or "", new, order, note)
+    else:
+        block = markdown(table, cmd.strip(), args, elapsed)
     if args.no_readme:
         print(block)
     else:
         write_readme(block)
-    plot(table, PLOT)
+    if not args.merge:
+        plot(table, PLOT)
     print(f"wall {time.perf_counter() - t_start:.0f} s; table -> {README if not args.no_readme else 'stdout'}, "
-          f"plot -> {PLOT}")
+          f"plot -> {PLOT if not args.merge else 'not redrawn (--merge)'}")
     return table
 
 
