@@ -108,6 +108,12 @@ def test_merge_table_replaces_and_inserts_rows_and_keeps_the_rest() -> None:
                               "![proxy benchmark](p.png)", "", bench.MARK_END])
     merged = bench.merge_table(only_scratch, {"vit": [row("lae", "6.0")]}, order, "note").split("\n")
     assert merged.index(vit) < merged.index(row("lae", "6.0")) < merged.index(scratch)
+    # merging the same rows again, with another command: the earlier note is replaced, not kept beside the new one
+    again = bench.merge_table("\n".join(merged), {"vit": [row("lae", "6.5")]}, order,
+                              "Rows `vit/lae` replaced by `other command`.")
+    merged = bench.merge_table(again, {"vit": [row("lae", "7.0")]}, order, "Rows `vit/lae` replaced by `a third`.")
+    assert "Rows `vit/lae` replaced by `other command`." not in merged.split("\n")
+    assert merged.split("\n").count("Rows `vit/lae` replaced by `a third`.") == 1
 
 
 def test_merge_claims_keeps_the_claims_of_rows_not_in_the_cache() -> None:

@@ -446,7 +446,7 @@ def merge_table(block: str, new: dict[str, list[str]], order: dict[str, list[str
     """``block`` (a table written by :func:`markdown`) with the row lines of ``new`` (group -> lines) replacing the
     rows of the same label or inserted where a full run puts them (``order``: group -> labels in a full run's
     order); every other line stays as it is, and ``note`` is added above the first group (replacing a note that
-    reads the same up to its first " (", i.e. an earlier merge of the same rows by the same command)."""
+    reads the same up to its first " by `", i.e. an earlier merge of the same rows, whatever its command)."""
     lines = block.split("\n")
     sep = "|" + "---|" * (len(COLUMNS) - 1)
     for group, new_lines in new.items():
@@ -471,8 +471,8 @@ def merge_table(block: str, new: dict[str, list[str]], order: dict[str, list[str
             at = next((start + j for j, lab in enumerate(labels) if rank.get(lab, -1) > mine), end)
             lines.insert(at, line)
             end += 1
-    same = [i for i, ln in enumerate(lines) if ln.split(" (")[0] == note.split(" (")[0]]
-    for i in reversed(same):  # the same rows merged by the same command before: its note is replaced
+    same = [i for i, ln in enumerate(lines) if ln.split(" by `")[0] == note.split(" by `")[0]]
+    for i in reversed(same):  # the same rows merged before (by any command): that note is superseded
         del lines[i:i + 2]
     first = next(i for i, ln in enumerate(lines) if any(ln.startswith(f"**{g}**:") for g in order))
     lines[first:first] = [note, ""]
