@@ -76,3 +76,23 @@ def test_replay_of_a_tiny_run_agrees_and_catches_the_written_schedule(tmp_path: 
     # our side at a constant rate: the same run through epoch 1, a different one from the first step of epoch 2
     changed = _check_run(tmp_path, "strategy.schedule=constant")
     assert _first_over(changed["step_max_abs_diff"], 1e-5) == 2 * STEPS_PER_EPOCH, changed["step_max_abs_diff"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAS_SOURCE, reason="needs the official CODA-Prompt source (mirror or extracted copy)")
+def test_reverse_replay_their_code_on_our_draws_computes_our_run(tmp_path: Path):
+    """``--check-run-reverse``: our run first, then THEIR code fed our components, classifier and batch order. The
+    tool behind the parity row's measured cause (seed 0: our 21.1 is 21.1 in their code too)."""
+    setup, out = _tiny_setup(tmp_path / "setup.npz"), tmp_path / "reverse.json"
+    argv = [sys.executable, str(REPO / "benchmarks" / "parity" / "official" / "coda_prompt.py"), "--row",
+            "coda_prompt", "--setup", str(setup), "--seed", "2", "--check-run-reverse", "--out", str(out)]
+    proc = subprocess.run(argv, env=thread_env(1), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    steps_per_task = STEPS_PER_EPOCH * HPARAMS["epochs"]
+    # every one of our shuffles was used by their loader, and they never fell back to an order of their own
+    assert report["their_own_shuffles"] == [] and report["unused_shuffles"] == 0
+    assert report["steps"] == {"official": N_TASKS * steps_per_task, "ours": N_TASKS * steps_per_task}
+    assert max(report["step_max_abs_diff"]) < 1e-5
+    assert report["lr"]["ours"] == pytest.approx(report["lr"]["official"], rel=1e-9)
+    assert report["same_matrix"] and report["acc_ours"] == report["acc_official"]

@@ -370,6 +370,176 @@ def check_run(setup_path: str, seed: int, work: str, extra: tuple[str, ...] = ()
             "step_max_abs_diff": [float(f"{d:.3g}") for d in step_diff], "lr": lrs}
 
 
+def check_run_reverse(setup_path: str, seed: int, work: str) -> dict[str, Any]:
+    """The replay the other way round: OUR run (seed ``seed``) first, then THEIR code fed OUR draws.
+
+    1. Our :class:`~cl.runner.Runner` runs the ``coda_prompt`` row unmodified while wrappers only observe: the order
+       of every shuffled training pass (``RankBatchSampler``, per experience and epoch, as setup indices through
+       ``exp.train.indices``), the chunk of components :meth:`CodaPool.grow` draws at each experience start (keys,
+       attention vectors and prompts of every block), the classifier before experience 0 trains, the watched
+       tensors (classifier weight and block 0's keys) after every Adam step, and the accuracy matrix.
+    2. THEIR ``Trainer.train`` then runs (:func:`install_shims`, seed ``seed``) with rows ``[s, f)`` of their
+       ``e_k_l``, ``e_a_l``, ``e_p_l`` overwritten by OUR chunk of that task right after they draw it
+       (``CodaPrompt.__init__`` for task 0, ``process_task_count`` later), the classifier by ours before task 0,
+       and every ``RandomSampler`` pass yielding OUR order of that (task, epoch) mapped to their task data (the
+       task's training images in natural order, ``np.isin``); our epoch drops the last 24 images, their
+       ``drop_last`` loader drops the same tail (appended after our batches). Their own draw is still made and
+       thrown away, so their RNG stream is as in a plain run. Everything else is their code.
+
+    Answers whether a run of ours that ends low ends as low in THEIR code from the same draws: if it does, the
+    draw is what is low, not our code.
+    """
+    import numpy as np
+    import torch
+    import torch.utils.data.sampler as tsampler
+
+    from benchmarks.parity.common import load_npz, official_source, replay_config, seen_accuracy
+
+    setup = load_npz(Path(setup_path))
+    n_tasks, cpt = int(setup["n_tasks"]), int(setup["classes_per_task"])
+    train_y = np.asarray(setup["train_y"])
+    blocks = HPARAMS["blocks"]
+    pt = HPARAMS["pool_size"] // n_tasks
+    adam_step = torch.optim.Adam.step
+    steps: dict[str, list[torch.Tensor]] = {"official": [], "ours": []}
+    lrs: dict[str, list[float]] = {"official": [], "ours": []}
+    watch: dict[str, Any] = {"side": "ours", "weight": None}
+
+    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
+        out = adam_step(self, *args, **kwargs)
+        if watch["weight"] is not None:
+            steps[watch["side"]].append(watch["weight"]().detach().cpu().clone())
+            lrs[watch["side"]].append(float(self.param_groups[0]["lr"]))
+        return out
+
+    # ---- 1. ours, observed
+    import strategies.coda_prompt as ours_mod
+    from cl.data import loaders
+    from cl.runner import Runner
+
+    state: dict[str, Any] = {"exp": 0, "epoch": 0, "indices": None}
+    perms: list[tuple[int, int, np.ndarray]] = []  # (experience, epoch, setup indices in our batch order)
+    chunks: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # experience -> block -> {k, a, p}
+    cls_init: dict[str, torch.Tensor] = {}
+    sampler_iter, start_fn = loaders.RankBatchSampler.__iter__, ours_mod.CodaPrompt.on_experience_start
+
+    def sampler_recording(self):
+        batches = list(sampler_iter(self))
+        if self.shuffle:
+            perms.append((state["exp"], state["epoch"], state["indices"][np.concatenate(batches)]))
+            state["epoch"] += 1
+        yield from batches
+
+    def start_recording(self, exp, ctx):
+        state.update(exp=exp.index, epoch=0, indices=np.asarray(exp.train.indices))
+        start_fn(self, exp, ctx)
+        chunks[exp.index] = {b: {"k": pool.keys[-1].detach().clone(), "a": pool.attn[-1].detach().clone(),
+                                 "p": pool.prompts[-1].detach().clone()} for b, pool in zip(self.blocks, self.pools)}
+        if exp.index == 0:
+            cls_init.update({k: v.detach().clone() for k, v in self.classifier.state_dict().items()})
+        n_pad = HPARAMS["pool_size"] - sum(self.pools[0].sizes)
+        watch["weight"] = lambda: torch.cat([self.classifier.weight.reshape(-1), self.pools[0].all_components()[0]
+                                             .reshape(-1), self.classifier.weight.new_zeros(n_pad * self.pools[0]
+                                                                                           .key_dim)])
+
+    cfg, _ = replay_config(ROWS["coda_prompt"]["ours"], setup_path, n_tasks, seed, Path(work) / "ours")
+    loaders.RankBatchSampler.__iter__, ours_mod.CodaPrompt.on_experience_start = sampler_recording, start_recording
+    torch.optim.Adam.step = adam_step_recording
+    try:
+        m = Runner(cfg).run()
+    finally:
+        loaders.RankBatchSampler.__iter__, ours_mod.CodaPrompt.on_experience_start = sampler_iter, start_fn
+        watch.update(side="official", weight=None)
+    our_acc = seen_accuracy(m["correct"], m["total"])
+    our_matrix = [[None if v is None else round(100.0 * v, 3) for v in r] for r in m["accuracy_matrix"]]
+
+    # ---- 2. THEIR code, fed our draws
+    src = official_source("coda_prompt")
+    sys.path.insert(0, str(src))
+    record: dict[tuple[int, int], tuple[int, int, float, int]] = {}
+    install_shims(setup, record)
+    from models import zoo
+    from trainer import Trainer
+
+    their_of = {}  # setup index -> position in THEIR task data (natural order)
+    for t in range(n_tasks):
+        pos = np.flatnonzero(np.isin(train_y, np.arange(t * cpt, (t + 1) * cpt)))
+        inv = np.full(len(train_y), -1)
+        inv[pos] = np.arange(len(pos))
+        their_of[t] = inv
+
+    def load_chunk(prompt: Any, t: int) -> None:
+        s, f = t * pt, (t + 1) * pt
+        with torch.no_grad():
+            for b in blocks:
+                for n in "kap":
+                    getattr(prompt, f"e_{n}_{b}")[s:f].copy_(chunks[t][b][n])
+
+    ptc = zoo.CodaPrompt.process_task_count
+
+    def ptc_loading(self):
+        ptc(self)
+        load_chunk(self, self.task_count)
+
+    queue = list(perms)
+    own: list[str] = []
+    rand_iter = tsampler.RandomSampler.__iter__
+
+    def rand_iter_replay(self):
+        theirs = list(rand_iter(self))  # their draw, made and discarded: their RNG stream as in a plain run
+        if not queue:
+            own.append("a shuffle ours never drew (their own order)")
+            yield from theirs
+            return
+        t, e, perm = queue.pop(0)
+        order = their_of[t][perm]
+        if (order < 0).any() or len(theirs) != len(train_y[np.isin(train_y, np.arange(t * cpt, (t + 1) * cpt))]):
+            own.append(f"task {t} epoch {e}: our order does not fit their task data (their own order)")
+            yield from theirs
+            return
+        rest = np.setdiff1d(np.arange(len(theirs)), order)  # the tail our drop_last left out; theirs drops it too
+        yield from np.concatenate([order, rest]).tolist()
+
+    zoo.CodaPrompt.process_task_count = ptc_loading
+    tsampler.RandomSampler.__iter__ = rand_iter_replay
+    log_dir = Path(work) / "coda_official"
+    cargs, _ = official_args(src, ROWS["coda_prompt"]["official"], n_tasks, cpt, log_dir)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        trainer = Trainer(cargs, seed, ["acc", "time"], ["global", "pt", "pt-local"])
+        model = trainer.learner.model
+        load_chunk(model.prompt, 0)
+        with torch.no_grad():
+            for k, v in cls_init.items():
+                getattr(model.last, k).copy_(v)
+        watch["weight"] = lambda: torch.cat([trainer.learner.model.last.weight.reshape(-1),
+                                             trainer.learner.model.prompt.e_k_0.reshape(-1)])
+        metrics = {k: {"global": np.zeros((n_tasks, 1)), "pt": np.zeros((n_tasks, n_tasks, 1)),
+                       "pt-local": np.zeros((n_tasks, n_tasks, 1))} for k in ("acc", "time")}
+        trainer.train(metrics)
+    finally:
+        tsampler.RandomSampler.__iter__ = rand_iter
+        zoo.CodaPrompt.process_task_count = ptc
+        torch.optim.Adam.step = adam_step
+        watch.update(side=None, weight=None)
+    correct = [[record[(t, j)][0] if j <= t else 0 for j in range(n_tasks)] for t in range(n_tasks)]
+    total = [[record[(t, j)][1] if j <= t else 0 for j in range(n_tasks)] for t in range(n_tasks)]
+    their_acc = seen_accuracy(correct, total)
+    their_matrix = [[None if j > t else round(100.0 * correct[t][j] / total[t][j], 3) for j in range(n_tasks)]
+                    for t in range(n_tasks)]
+    step_diff = [float((a - b).abs().max()) for a, b in zip(steps["official"], steps["ours"])]
+    return {"seed": seed, "direction": "ours first, then THEIR code on our draws",
+            "setup_class_order": [int(c) for c in setup.get("class_order", [])],
+            "their_own_shuffles": own, "unused_shuffles": len(queue),
+            "acc_ours": [round(a, 3) for a in our_acc], "acc_official": [round(a, 3) for a in their_acc],
+            "matrix_ours": our_matrix, "matrix_official": their_matrix,
+            "same_matrix": our_matrix == their_matrix,
+            "steps": {"official": len(steps["official"]), "ours": len(steps["ours"])},
+            "step_max_abs_diff": [float(f"{d:.3g}") for d in step_diff], "lr": lrs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--row", required=True, choices=sorted(ROWS))
@@ -378,9 +548,23 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--check-run", action="store_true",
                     help="replay: THEIR run, then ours with their initial components/classifier and batch order")
+    ap.add_argument("--check-run-reverse", action="store_true",
+                    help="reverse replay: OUR run, then THEIR code with our initial components/classifier and order")
     ap.add_argument("--ours", nargs="*", default=[], help="with --check-run: extra overrides for our side only")
     args = ap.parse_args()
     start = time.perf_counter()
+    if args.check_run_reverse:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            report = check_run_reverse(str(args.setup), args.seed, work)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print("ours:", report["acc_ours"], "| their code on our draws:", report["acc_official"])
+        print("steps:", report["steps"], "| max step diff:", max(report["step_max_abs_diff"], default=None),
+              "| same matrix:", report["same_matrix"], "| their own shuffles:", report["their_own_shuffles"],
+              "| unused:", report["unused_shuffles"])
+        return
     if args.check_run:
         import json
         import tempfile
