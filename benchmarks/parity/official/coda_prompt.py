@@ -180,6 +180,27 @@ def official_args(src: Path, spec: dict[str, Any], n_tasks: int, cpt: int, log_d
 
 
 # ------------------------------------------------------------------------------------------------ replay
+def _adam_recorder(first_side: str) -> tuple[dict, dict, dict, Any]:
+    """A replacement for ``torch.optim.Adam.step`` that, after each step, records ``watch["weight"]()`` (a flat
+    tensor of the watched parameters) and the step's rate under ``watch["side"]``; nothing while the weight is
+    None. Returns ``steps``, ``lrs``, ``watch`` and the replacement (the caller installs and restores it)."""
+    import torch
+
+    adam_step = torch.optim.Adam.step
+    steps: dict[str, list[torch.Tensor]] = {"official": [], "ours": []}
+    lrs: dict[str, list[float]] = {"official": [], "ours": []}
+    watch: dict[str, Any] = {"side": first_side, "weight": None}
+
+    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
+        out = adam_step(self, *args, **kwargs)
+        if watch["weight"] is not None:
+            steps[watch["side"]].append(watch["weight"]().detach().cpu().clone())
+            lrs[watch["side"]].append(float(self.param_groups[0]["lr"]))
+        return out
+
+    return steps, lrs, watch, adam_step_recording
+
+
 def check_run(setup_path: str, seed: int, work: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """THEIR whole run, then ours replaying it: the same initial components and classifier, the same batches.
 
@@ -237,17 +258,7 @@ def check_run(setup_path: str, seed: int, work: str, extra: tuple[str, ...] = ()
     zoo.CodaPrompt.process_task_count = ptc_recording
     tsampler.RandomSampler.__iter__ = rand_iter_recording
     adam_step = torch.optim.Adam.step
-    steps: dict[str, list[torch.Tensor]] = {"official": [], "ours": []}
-    lrs: dict[str, list[float]] = {"official": [], "ours": []}
-    watch: dict[str, Any] = {"side": "official", "weight": None}
-
-    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
-        out = adam_step(self, *args, **kwargs)
-        if watch["weight"] is not None:
-            steps[watch["side"]].append(watch["weight"]().detach().cpu().clone())
-            lrs[watch["side"]].append(float(self.param_groups[0]["lr"]))
-        return out
-
+    steps, lrs, watch, adam_step_recording = _adam_recorder("official")
     torch.optim.Adam.step = adam_step_recording
     log_dir = Path(work) / "coda_official"
     cargs, _ = official_args(src, ROWS["coda_prompt"]["official"], n_tasks, cpt, log_dir)
@@ -401,16 +412,7 @@ def check_run_reverse(setup_path: str, seed: int, work: str) -> dict[str, Any]:
     blocks = HPARAMS["blocks"]
     pt = HPARAMS["pool_size"] // n_tasks
     adam_step = torch.optim.Adam.step
-    steps: dict[str, list[torch.Tensor]] = {"official": [], "ours": []}
-    lrs: dict[str, list[float]] = {"official": [], "ours": []}
-    watch: dict[str, Any] = {"side": "ours", "weight": None}
-
-    def adam_step_recording(self, *args: Any, **kwargs: Any) -> Any:
-        out = adam_step(self, *args, **kwargs)
-        if watch["weight"] is not None:
-            steps[watch["side"]].append(watch["weight"]().detach().cpu().clone())
-            lrs[watch["side"]].append(float(self.param_groups[0]["lr"]))
-        return out
+    steps, lrs, watch, adam_step_recording = _adam_recorder("ours")
 
     # ---- 1. ours, observed
     import strategies.coda_prompt as ours_mod
