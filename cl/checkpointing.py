@@ -190,6 +190,12 @@ class StepState:
     def phase(self) -> int:
         return int(self.data["phase"])
 
+    @property
+    def manual_optimization(self) -> bool:
+        """Whether the fit ran in manual optimisation (cl/fast_step.py); checkpoints from before it was recorded
+        were written by automatic fits."""
+        return bool(self.data.get("manual_optimization", False))
+
     def where(self) -> str:
         d = self.data
         return (f"experience {d['exp_index']}, phase {d['phase']} ({d['phase_name']}), epoch {d['epoch']}, "
@@ -326,6 +332,7 @@ class StepCheckpoint(pl.Callback):
             "epoch": int(trainer.current_epoch),
             "batch": int(batch_idx) + 1,  # batches of this epoch already trained
             "trainer_step": int(trainer.global_step),
+            "manual_optimization": not model.automatic_optimization,
             "phase_start_step": int(self.phase_start_step),
             "global_step": int(self.phase_start_step + trainer.global_step),
             "strategy": ctx.cfg.strategy.name,

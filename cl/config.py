@@ -172,6 +172,9 @@ class RunConfig:
         None, "also write checkpoints/step.ckpt every N optimizer steps (newest only), so resume=auto continues "
         "inside an experience; null = only on SIGUSR1/SIGTERM", ge=1)
     eval_unseen: bool = opt(False, "also evaluate unseen experiences (needed for forward transfer, fwt)")
+    fast_step: bool = opt(True, "take each optimizer step in a manual-optimisation step with automatic "
+                                "optimisation's order where nothing in the fit needs Lightning's automatic loop (same "
+                                "numbers, less per-step overhead; cl/fast_step.py); false = always automatic")
 
 
 @dataclass

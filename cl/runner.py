@@ -30,6 +30,7 @@ from cl.config import section
 from cl.data.loaders import ExperienceDataModule, make_loader
 from cl.errors import ConfigError, UserError
 from cl.evaluation import evaluate
+from cl.fast_step import ManualStep
 from cl.loggers import RunLogger, build_loggers
 from cl.progress import progress_bar
 from cl.registry import SCENARIOS, STRATEGIES
@@ -342,14 +343,19 @@ class Runner:
             needed = (cfg.run.checkpoint_every_n_steps is not None and step_cb.write) or resume is not None \
                 or (ctx.dist.world_size > 1 and bool(cfg.run.checkpoint))
             checkpointing.attach(pl_callbacks, step_cb, needed)
+        manual = ManualStep(allowed=bool(cfg.run.fast_step),
+                            resumed_manual=None if resume is None else resume.manual_optimization)
+        pl_callbacks.append(manual)
         trainer = make_trainer(cfg, epochs, pl_callbacks, ctx.loggers, ctx.run_dir)
         checkpointing.activate(trainer, step_cb)
         try:
             trainer.fit(model, datamodule=dm)
         finally:
             checkpointing.activate(None, None)
+            steps = trainer.global_step  # counted by the manual or the automatic loop: read before the restore
+            manual.restore()
         # the next phase's rows continue after this one's (and after anything logged at a later step)
-        ctx.global_step = max([ctx.global_step + trainer.global_step] + [lg.last_step + 1 for lg in ctx.loggers])
+        ctx.global_step = max([ctx.global_step + steps] + [lg.last_step + 1 for lg in ctx.loggers])
 
     def _evaluate(self, model: CLStrategy, exps: list[Experience], exp: Experience, callbacks: list[CLCallback],
                   ctx: RunContext) -> None:

@@ -21,9 +21,10 @@ TINY = ["scenario=split_digits", "scenario.n_experiences=2", "trainer.accelerato
         "trainer.enable_progress_bar=false", "trainer.logger=none", "trainer.max_epochs=1", "data.batch_size=32"]
 
 
-def cl_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def cl_cli(args: list[str], cwd: Path | None = None, timeout: int = 600,
+           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the `cl` CLI in a subprocess (as users and clusters do), from the repository root by default."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "cl", *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
