@@ -18,11 +18,12 @@ non-atomically by its own CheckpointIO, knows nothing of ``cl_structure``, and i
 disabled here. So we keep our file and use only the two pieces of its machinery that are sound: the fit loop's
 ``state_dict``/``load_state_dict`` (plain counters, taken at ``on_train_batch_end`` exactly as its own
 ``ModelCheckpoint(every_n_train_steps)`` takes them, so its restart logic applies unchanged) and the stateful-loader
-protocol: the training loader (:class:`cl.data.loaders.TrainLoader`) takes ``{"epoch", "start"}``, and its sampler's
-permutation is a function of (seed, experience, phase, epoch) only, so the resumed epoch draws the same order and
-skips the first ``start`` batches without loading them. RNG states are put back when the resumed fit starts
-training (``on_train_start``: Lightning does not call ``on_train_epoch_start`` for an epoch restarted in its
-middle), after the loader's iterator (which draws a base seed) exists and before the first batch is augmented.
+protocol: the training loader (:class:`cl.data.loaders.TrainLoader`, or ``TensorBatches`` for tensor sources) takes
+``{"epoch", "start"}``, and its sampler's permutation is a function of (seed, experience, phase, epoch) only, so the
+resumed epoch draws the same order and skips the first ``start`` batches without loading them. RNG states are put
+back when the resumed fit starts training (``on_train_start``: Lightning does not call ``on_train_epoch_start`` for
+an epoch restarted in its middle), after the loader's iterator (which draws a base seed) exists and before the first
+batch is augmented.
 
 Signals. The handler only sets a flag (nothing else is safe in a signal handler). With one process and no
 periodic checkpoint the callback is not even attached to the Trainer: the handler appends it to the running

@@ -24,9 +24,11 @@ resumed step checkpoint written by an automatic fit.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.profilers import PassThroughProfiler
 from torch import Tensor
 
 from cl.errors import UserError
@@ -63,6 +65,61 @@ def automatic_reason(trainer: pl.Trainer, module: pl.LightningModule) -> str | N
     return None
 
 
+#: the hooks Lightning calls around a manual step (precision plugin, optimizer closure)
+_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def _direct_backward_and_step(trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> tuple | None:
+    """``(backward(loss), step())`` without Lightning's precision-plugin and strategy chain, for a fit where that
+    chain does nothing but call hooks: one process (no DDP reducer to prepare), 32-bit precision (no scaler, no
+    autocast exit), ``backward`` not overridden. Only the hooks something overrides are called, through Lightning's
+    own dispatch, in its order (callbacks, then the module). One difference: ``on_before_optimizer_step`` runs
+    before the optimizer's own step pre-hooks, not after them. None where Lightning's chain is needed."""
+    from pytorch_lightning.plugins.precision import Precision
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+    from pytorch_lightning.trainer import call
+
+    if type(trainer.strategy) is not SingleDeviceStrategy or type(trainer.precision_plugin) is not Precision \
+            or _overrides(module, pl.LightningModule, "backward"):
+        return None
+    listened = {hook: (any(_overrides(cb, pl.Callback, hook) for cb in trainer.callbacks),
+                       _overrides(module, pl.LightningModule, hook)) for hook in _STEP_HOOKS}
+
+    def hooks(name: str, *args: Any) -> None:
+        on_callbacks, on_module = listened[name]
+        if on_callbacks:
+            call._call_callback_hooks(trainer, name, *args)
+        if on_module:
+            call._call_lightning_module_hook(trainer, name, *args)
+
+    raw = optimizer.optimizer
+
+    def backward(loss: Tensor) -> None:
+        hooks("on_before_backward", loss)
+        loss.backward()
+        hooks("on_after_backward")
+
+    def step() -> None:
+        optimizer._on_before_step()  # the manual loop's step count (trainer.global_step)
+        hooks("on_before_optimizer_step", raw)
+        raw.step()
+        optimizer._on_after_step()
+
+    return backward, step
+
+
+class NullProfiler(PassThroughProfiler):
+    """Lightning's default no-op profiler, without its generator-based context manager: Lightning enters
+    ``profiler.profile(name)`` some forty times per training step (every hook of every callback), and a shared
+    ``nullcontext`` costs a fraction of a ``@contextmanager`` generator. The runner uses it unless
+    ``trainer.profiler`` names one."""
+
+    _NULL = nullcontext()
+
+    def profile(self, action_name: str) -> Any:  # type: ignore[override]
+        return self._NULL
+
+
 class ManualStep(pl.Callback):
     """Runs one fit in manual optimisation with the automatic loop's step (module docstring).
 
@@ -78,10 +135,14 @@ class ManualStep(pl.Callback):
         self.resumed_manual = resumed_manual
         self.active = False
         self.reason: str | None = None if self.allowed else "switched off"
+        self.direct = False
         self._module: pl.LightningModule | None = None
         self._own_step: Any = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # nothing to do after this hook: out of the Trainer's list, so that the per-step hooks skip it (a new list,
+        # so that the loop now calling on_fit_start, which iterates over the old one, is undisturbed)
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self]
         self.active = False
         if not self.allowed:
             return
@@ -98,6 +159,9 @@ class ManualStep(pl.Callback):
         # the lightning optimizer: its step runs the precision plugin and counts the loop's optimizer steps
         optimizer = trainer.strategy._lightning_optimizers[0]
         epoch_loop = trainer.fit_loop.epoch_loop
+        backward, step = _direct_backward_and_step(trainer, pl_module, optimizer) or (
+            pl_module.manual_backward, optimizer.step)
+        self.direct = backward is not pl_module.manual_backward
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
@@ -106,8 +170,8 @@ class ManualStep(pl.Callback):
             # gradients and steps (with no gradients nothing moves, but the step counts, as in Lightning)
             optimizer.zero_grad()
             if isinstance(loss, Tensor):
-                pl_module.manual_backward(loss)
-            optimizer.step()
+                backward(loss)
+            step()
             # Lightning steps epoch-interval schedulers right after the last batch's step, before its
             # on_train_batch_end hooks (TrainingEpochLoop.advance); in manual optimisation it does not step them
             if epoch_loop._num_ready_batches_reached():

@@ -30,7 +30,7 @@ from cl.config import section
 from cl.data.loaders import ExperienceDataModule, make_loader
 from cl.errors import ConfigError, UserError
 from cl.evaluation import evaluate
-from cl.fast_step import ManualStep
+from cl.fast_step import ManualStep, NullProfiler
 from cl.loggers import RunLogger, build_loggers
 from cl.progress import progress_bar
 from cl.registry import SCENARIOS, STRATEGIES
@@ -587,6 +587,7 @@ def make_trainer(cfg: DictConfig, epochs: int, callbacks: list[pl.Callback], log
         kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     extra = trainer_extra_args(t)
     kwargs.update(extra)
+    kwargs.setdefault("profiler", NullProfiler())
     try:
         return pl.Trainer(**kwargs)
     except (TypeError, ValueError, MisconfigurationException) as err:

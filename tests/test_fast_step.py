@@ -69,20 +69,51 @@ def _run(run: Path, *extra: str, callbacks=()) -> tuple[Runner, dict]:
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "test_fast_step:Decayed"])
-def test_fast_step_is_bit_identical_to_automatic_optimisation(tmp_path, strategy):
+def test_fast_step_is_bit_identical_to_automatic_optimisation(tmp_path, strategy, monkeypatch):
+    """Three ways to one result: the direct step (one process, 32-bit), the manual step through Lightning's
+    precision-plugin chain, and Lightning's automatic optimisation."""
+    import cl.fast_step as fast_step
+
+    direct = fast_step._direct_backward_and_step
+    taken: list[bool] = []
+    monkeypatch.setattr(fast_step, "_direct_backward_and_step",
+                        lambda *a: taken.append(True) or direct(*a) if use_direct else None)
     got = {}
-    for fast in (True, False):
+    for mode in ("direct", "manual", "automatic"):
+        use_direct = mode == "direct"
         spy = Decisions()
-        runner, got[fast] = _run(tmp_path / str(fast), f"strategy={strategy}", "trainer.max_epochs=4",
-                                 f"run.fast_step={str(fast).lower()}", callbacks=[spy])
-        assert spy.modes == [not fast, not fast], "both experiences' fits ran in the chosen mode"
+        runner, got[mode] = _run(tmp_path / mode, f"strategy={strategy}", "trainer.max_epochs=4",
+                                 f"run.fast_step={str(mode != 'automatic').lower()}", callbacks=[spy])
+        assert spy.modes == [mode == "automatic"] * 2, "both experiences' fits ran in the chosen mode"
         model = runner.model
         assert model.automatic_optimization and "training_step" not in model.__dict__, "restored after each fit"
         if strategy != "finetune":
             # frequency 2: the rate halves after epochs 2 and 4 of each experience's fit (a new scheduler per fit)
             assert model.lrs == [0.1, 0.1, 0.05, 0.05] * 2
-    assert got[True] == got[False]
-    assert got[True]["matrix"][1][1] > 0.5, "it learned"
+    assert taken == [True, True], "the direct step ran in the first run's two fits"
+    assert got["direct"] == got["manual"] == got["automatic"]
+    assert got["direct"]["matrix"][1][1] > 0.5, "it learned"
+
+
+def test_direct_step_calls_the_hooks_that_are_overridden(tmp_path):
+    """A callback on on_after_backward and on_before_optimizer_step sees every step, with gradients in place."""
+
+    class GradSpy(pl.Callback):
+        def __init__(self) -> None:
+            self.after, self.before = [], []
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self.after.append(all(p.grad is not None for p in pl_module.trainable_parameters()))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.before.append(trainer.global_step)
+
+    spy = GradSpy()
+    runner = Runner(build_config(None, [*BASE, f"run.dir={tmp_path}", "scenario.n_experiences=2"]), callbacks=[spy])
+    runner.run()
+    n = runner.ctx.global_step
+    assert len(spy.after) == n and all(spy.after)
+    assert spy.before[:3] == [0, 1, 2], "before the step is counted, as in Lightning"
 
 
 @pytest.mark.parametrize("extra, reason", [

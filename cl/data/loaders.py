@@ -6,12 +6,14 @@ the batches one process would, and DDP's gradient average equals the single-proc
 The last incomplete global batch is dropped so every rank takes the same number of steps.
 Evaluation shards the samples without padding: no sample is counted twice.
 
-Tensor-backed sources are gathered a whole batch at a time (one indexing op, no per-item collate).
+Tensor-backed sources are gathered a whole batch at a time (one indexing op, no per-item collate) by
+:class:`TensorBatches`; file-backed ones go through a ``DataLoader`` with workers.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,13 +25,14 @@ from scenarios.base import ExperienceData
 
 
 class RankBatchSampler:
-    """Yields this rank's share of each global batch as a list of positions into the view."""
+    """Yields this rank's share of each global batch as a list of positions into the view (``tensors=True``: as a
+    tensor, for the batch gather, which indexes with it directly)."""
 
     def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True) -> None:
+                 seed: int = 0, drop_last: bool = True, tensors: bool = False) -> None:
         if global_batch % world:
             raise ValueError(f"batch size {global_batch} is not divisible by the {world} ranks")
-        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.n, self.batch, self.rank, self.world, self.tensors = n, global_batch, rank, world, tensors
         self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
         self.start = 0  # batches of the next epoch to skip (a resume inside an epoch); used once
 
@@ -56,7 +59,8 @@ class RankBatchSampler:
         start, self.start = self.start, 0
         for b in range(start, len(self)):  # the permutation depends on (seed, epoch) only: skipping is exact
             chunk = order[b * self.batch:(b + 1) * self.batch] if b < full else order[b * self.batch:][:self._tail()]
-            yield chunk[self.rank::self.world].tolist()
+            mine = chunk[self.rank::self.world]
+            yield mine if self.tensors else mine.tolist()
 
 
 class TrainLoader(DataLoader):
@@ -80,6 +84,37 @@ class TrainLoader(DataLoader):
         self.rank_sampler.start = int(state["start"])
 
 
+class TensorBatches(DataLoader):
+    """Batches of a tensor-backed source, one gather each, without ``DataLoader``'s per-batch machinery (index
+    fetcher, collate walk, profiler record: ~20 us a batch, ~2% of a small MLP's step on one CPU core;
+    benchmarks/README.md, "Engine overhead").
+
+    Still a ``DataLoader`` to Lightning and to the RNG: ``len`` and the ``sampler`` (whose ``set_epoch`` Lightning
+    calls) are the loader's, ``iter()`` draws the base seed a ``DataLoader`` iterator draws from the global generator
+    (so the RNG stream, and every result, are those of the plain ``DataLoader``), and for training the
+    ``_Stateful`` pair of :class:`TrainLoader` lets a resume inside an epoch skip the batches already trained.
+    """
+
+    def __init__(self, view: _BatchView, sampler: Any) -> None:
+        super().__init__(view, sampler=sampler, batch_size=None, num_workers=0)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        view = self.dataset
+        for positions in self.sampler:
+            yield view[positions]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "start": self.sampler.start}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.start = int(state["start"])
+
+
 class _BatchView(Dataset):
     """``view[list_of_positions]`` -> (images, labels) in one gather (tensor sources)."""
 
@@ -91,7 +126,7 @@ class _BatchView(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, positions: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.as_tensor(positions, dtype=torch.long)
         return self.data.source.batch(self.indices[pos]), self.targets[pos]
 
@@ -137,7 +172,7 @@ def default_workers() -> int:
 
 def make_loader(data: ExperienceData, batch_size: int, *, train: bool, rank: int = 0, world: int = 1,
                 seed: int = 0, shuffle: bool | None = None, drop_last: bool | None = None,
-                num_workers: int | None = None) -> DataLoader:
+                num_workers: int | None = None) -> DataLoader | TensorBatches:
     """A loader of raw (untransformed) batches: for training (global batches, sharded) or evaluation (sharded).
 
     Tensor-backed sources gather whole batches in the main process (no workers: one indexing op is faster than
@@ -145,20 +180,21 @@ def make_loader(data: ExperienceData, batch_size: int, *, train: bool, rank: int
     :func:`default_workers`), persistent across the epochs of one fit, pinned for a GPU.
     """
     n = len(data)
+    batched = hasattr(data.source, "batch")
     if train:
         drop = True if drop_last is None else drop_last
         if drop and n < batch_size:  # a tiny experience still trains: shrink the global batch to what exists
             batch_size = max(world, (n // world) * world)
         sampler: Any = RankBatchSampler(n, batch_size, rank, world, shuffle=True if shuffle is None else shuffle,
-                                        seed=seed, drop_last=drop)
+                                        seed=seed, drop_last=drop, tensors=batched)
     else:
         sampler = _EvalSampler(n, batch_size, rank, world)
+    if batched:
+        return TensorBatches(_BatchView(data), sampler)
     cls: Any = DataLoader
     extra: dict[str, Any] = {}
     if train:
         cls, extra = TrainLoader, {"rank_sampler": sampler}
-    if hasattr(data.source, "batch"):
-        return cls(_BatchView(data), sampler=sampler, batch_size=None, num_workers=0, **extra)
     workers = default_workers() if num_workers is None else int(num_workers)
     return cls(_ItemView(data), batch_sampler=sampler, num_workers=workers,
                persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), **extra)
@@ -173,7 +209,7 @@ class ExperienceDataModule(pl.LightningDataModule):
         self.data, self.batch_size, self.rank, self.world, self.seed = data, batch_size, rank, world, seed
         self.num_workers, self.drop_last = num_workers, drop_last
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | TensorBatches:
         return make_loader(self.data, self.batch_size, train=True, rank=self.rank, world=self.world,
                            seed=self.seed, num_workers=self.num_workers, drop_last=self.drop_last)
 
