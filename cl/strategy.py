@@ -26,6 +26,9 @@ Contract:
   (``ctx.generator(tag)``). ``cl_state_tensors()`` is hashed on every rank by the tests to prove it matches.
 * ``eval_passes()`` names extra predictors to report beside the main one (LAE's experts, SLCA before/after
   alignment); the accuracy matrix always uses ``"main"``.
+* ``training_step`` is written for automatic optimisation (return the loss). The runner may take the step itself
+  in manual optimisation, in the same order and with the same numbers (:mod:`cl.fast_step`); overriding
+  ``optimizer_step``, ``optimizer_zero_grad`` or ``configure_gradient_clipping`` keeps a strategy's fits automatic.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class TrainLoader(DataLoader):
         self.rank_sampler.start = int(state["start"])
 
 
-class TensorBatches(DataLoader):
+class TensorBatches(TrainLoader):
     """Batches of a tensor-backed source, one gather each, without ``DataLoader``'s per-batch machinery (index
     fetcher, collate walk, profiler record: ~20 us a batch, ~2% of a small MLP's step on one CPU core;
     benchmarks/README.md, "Engine overhead").
@@ -96,7 +96,7 @@ class TensorBatches(DataLoader):
     """
 
     def __init__(self, view: _BatchView, sampler: Any) -> None:
-        super().__init__(view, sampler=sampler, batch_size=None, num_workers=0)
+        super().__init__(view, sampler=sampler, batch_size=None, num_workers=0, rank_sampler=sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
@@ -106,13 +106,6 @@ class TensorBatches(DataLoader):
         view = self.dataset
         for positions in self.sampler:
             yield view[positions]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "start": self.sampler.start}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(int(state["epoch"]))
-        self.sampler.start = int(state["start"])
 
 
 class _BatchView(Dataset):
