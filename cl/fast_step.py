@@ -29,6 +29,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.profilers import PassThroughProfiler
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from cl.errors import UserError
@@ -38,17 +39,13 @@ _AUTOMATIC_ONLY_HOOKS = ("optimizer_step", "optimizer_zero_grad", "configure_gra
                          "on_before_zero_grad")
 
 
-def _overrides(obj: Any, base: type, name: str) -> bool:
-    return getattr(type(obj), name, None) is not getattr(base, name)
-
-
 def automatic_reason(trainer: pl.Trainer, module: pl.LightningModule) -> str | None:
     """Why this fit must keep Lightning's automatic optimisation, or None when :class:`ManualStep` may take over
     (called at ``on_fit_start``, once the optimizers and schedulers are configured)."""
     if not module.automatic_optimization:
         return "the strategy optimises manually itself"
     for name in _AUTOMATIC_ONLY_HOOKS:
-        if _overrides(module, pl.LightningModule, name):
+        if is_overridden(name, module):
             return f"{type(module).__name__} overrides {name}"
     if trainer.gradient_clip_val:
         return "trainer.gradient_clip_val is set"
@@ -60,7 +57,7 @@ def automatic_reason(trainer: pl.Trainer, module: pl.LightningModule) -> str | N
         if config.interval != "epoch" or config.reduce_on_plateau:
             return "a step-interval or ReduceLROnPlateau scheduler"
     for cb in trainer.callbacks:
-        if _overrides(cb, pl.Callback, "on_before_zero_grad"):
+        if is_overridden("on_before_zero_grad", cb, pl.Callback):
             return f"callback {type(cb).__name__} hooks on_before_zero_grad"
     return None
 
@@ -80,10 +77,10 @@ def _direct_backward_and_step(trainer: pl.Trainer, module: pl.LightningModule, o
     from pytorch_lightning.trainer import call
 
     if type(trainer.strategy) is not SingleDeviceStrategy or type(trainer.precision_plugin) is not Precision \
-            or _overrides(module, pl.LightningModule, "backward"):
+            or is_overridden("backward", module):
         return None
-    listened = {hook: (any(_overrides(cb, pl.Callback, hook) for cb in trainer.callbacks),
-                       _overrides(module, pl.LightningModule, hook)) for hook in _STEP_HOOKS}
+    listened = {hook: (any(is_overridden(hook, cb, pl.Callback) for cb in trainer.callbacks),
+                       is_overridden(hook, module)) for hook in _STEP_HOOKS}
 
     def hooks(name: str, *args: Any) -> None:
         on_callbacks, on_module = listened[name]
@@ -133,17 +130,18 @@ class ManualStep(pl.Callback):
     def __init__(self, allowed: bool = True, resumed_manual: bool | None = None) -> None:
         self.allowed = allowed if resumed_manual is None else resumed_manual
         self.resumed_manual = resumed_manual
-        self.active = False
         self.reason: str | None = None if self.allowed else "switched off"
-        self.direct = False
-        self._module: pl.LightningModule | None = None
+        self._module: pl.LightningModule | None = None  # the module while its fit runs the manual step
         self._own_step: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self._module is not None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # nothing to do after this hook: out of the Trainer's list, so that the per-step hooks skip it (a new list,
         # so that the loop now calling on_fit_start, which iterates over the old one, is undisturbed)
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self]
-        self.active = False
         if not self.allowed:
             return
         self.reason = automatic_reason(trainer, pl_module)
@@ -153,15 +151,14 @@ class ManualStep(pl.Callback):
                             "with")
         if self.reason is not None:
             return
-        self.active, self._module = True, pl_module
+        self._module = pl_module
         self._own_step = pl_module.__dict__.get("training_step")  # an instance-level step (rare) is kept
         inner = pl_module.training_step
         # the lightning optimizer: its step runs the precision plugin and counts the loop's optimizer steps
         optimizer = trainer.strategy._lightning_optimizers[0]
-        epoch_loop = trainer.fit_loop.epoch_loop
+        epoch_loop, schedulers = trainer.fit_loop.epoch_loop, trainer.lr_scheduler_configs
         backward, step = _direct_backward_and_step(trainer, pl_module, optimizer) or (
             pl_module.manual_backward, optimizer.step)
-        self.direct = backward is not pl_module.manual_backward
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
@@ -174,8 +171,8 @@ class ManualStep(pl.Callback):
             step()
             # Lightning steps epoch-interval schedulers right after the last batch's step, before its
             # on_train_batch_end hooks (TrainingEpochLoop.advance); in manual optimisation it does not step them
-            if epoch_loop._num_ready_batches_reached():
-                for config in trainer.lr_scheduler_configs:
+            if schedulers and epoch_loop._num_ready_batches_reached():
+                for config in schedulers:
                     if (trainer.current_epoch + 1) % config.frequency == 0:
                         pl_module.lr_scheduler_step(config.scheduler, None)
             return out
@@ -192,4 +189,3 @@ class ManualStep(pl.Callback):
         else:
             del module.training_step
         module.automatic_optimization = True
-        self.active = False

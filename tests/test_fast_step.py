@@ -121,7 +121,6 @@ def test_direct_step_calls_the_hooks_that_are_overridden(tmp_path):
     (["strategy=l2p"], "L2P overrides configure_gradient_clipping"),
     (["trainer.gradient_clip_val=1.0"], "gradient_clip_val"),
     (["trainer.accumulate_grad_batches=2"], "accumulate_grad_batches"),
-    (["strategy=test_fast_step:StepInterval"], "step-interval"),
 ])
 def test_fits_that_need_the_automatic_loop_keep_it(extra, reason):
     from cl.registry import STRATEGIES
@@ -132,12 +131,9 @@ def test_fits_that_need_the_automatic_loop_keep_it(extra, reason):
     cfg = build_config(None, [*base, *extra, "run.dir=/nonexistent"])
     model = build_strategy(cfg, build_scenario(cfg))
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # one optimizer, as every strategy here
-    configs = [SimpleNamespace(interval="step" if "StepInterval" in name else "epoch", reduce_on_plateau=False)] \
-        if "StepInterval" in name else []
     t = cfg.trainer
     trainer = SimpleNamespace(gradient_clip_val=t.gradient_clip_val, optimizers=[opt], callbacks=[],
-                              accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
-                              lr_scheduler_configs=configs)
+                              accumulate_grad_batches=t.get("accumulate_grad_batches", 1), lr_scheduler_configs=[])
     assert reason in (automatic_reason(trainer, model) or "")
 
 
@@ -160,6 +156,8 @@ def test_other_reasons_and_a_plain_fit_qualifies():
     assert "2 optimizers" in automatic_reason(trainer(optimizers=[opt, opt]), model)
     plateau = SimpleNamespace(interval="epoch", reduce_on_plateau=True)
     assert "ReduceLROnPlateau" in automatic_reason(trainer(lr_scheduler_configs=[plateau]), model)
+    per_step = SimpleNamespace(interval="step", reduce_on_plateau=False)
+    assert "step-interval" in automatic_reason(trainer(lr_scheduler_configs=[per_step]), model)
     assert "ZeroGradSpy" in automatic_reason(trainer(callbacks=[ZeroGradSpy()]), model)
     model.automatic_optimization = False
     assert "optimises manually" in automatic_reason(trainer(), model)
@@ -169,6 +167,9 @@ def test_clipping_runs_automatic_and_restores_after_a_crash(tmp_path):
     spy = Decisions()
     runner, _ = _run(tmp_path / "clip", "trainer.gradient_clip_val=0.5", callbacks=[spy])
     assert spy.modes == [True, True]
+    spy = Decisions()
+    _run(tmp_path / "per_step", "strategy=test_fast_step:StepInterval", callbacks=[spy])
+    assert spy.modes == [True, True], "a step-interval scheduler keeps Lightning's automatic loop"
 
     class Crash(pl.Callback):
         module = None
